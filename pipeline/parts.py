@@ -1,0 +1,122 @@
+"""Crash-safe raw parts: the ledger of generation, so no teacher work is lost or repeated.
+
+A Parquet file has its footer only after close(); a writer killed before that leaves an unreadable file that breaks
+readers of the whole folder. So a part is written whole under a temporary name, fsynced, checked with
+`pyarrow.parquet.read_metadata`, then renamed (atomic on POSIX). On restart, the problem ids in closed parts are done;
+temporary leftovers are removed and their problems redone. Completions of one problem always share a part.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.records import RAW_SCHEMA
+
+PART_GLOB = "part-*.parquet"
+_PART_RE = re.compile(r"part-(\d+)\.parquet$")
+
+
+def closed_parts(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).glob(PART_GLOB) if _PART_RE.search(p.name))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic_bytes(path: Path, data: bytes) -> None:
+    """Small files (stats, rejects, run.json) get the same write-rename treatment as parts."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_ledger(folder: Path) -> set[str]:
+    """Problem ids present in closed parts; stray temporary files of a killed writer are deleted first."""
+    for stray in Path(folder).glob("*.tmp"):
+        stray.unlink()
+    done: set[str] = set()
+    for part in closed_parts(folder):
+        done.update(pq.read_table(part, columns=["problem_id"]).column("problem_id").to_pylist())
+    return done
+
+
+class PartWriter:
+    """Buffers whole problems' rows and closes a part every `max_rows` rows or `max_seconds` seconds."""
+
+    def __init__(self, folder: Path, max_rows: int, max_seconds: float, schema: pa.Schema = RAW_SCHEMA):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.max_rows, self.max_seconds, self.schema = max_rows, max_seconds, schema
+        existing = [int(_PART_RE.search(p.name).group(1)) for p in closed_parts(self.folder)]
+        self._next_index = max(existing, default=-1) + 1
+        self._rows: list[dict] = []
+        self._opened_at = time.monotonic()
+        self.parts_written = 0
+        self.rows_written = 0
+
+    def add(self, rows: list[dict]) -> None:
+        if not self._rows:
+            self._opened_at = time.monotonic()
+        self._rows.extend(rows)
+        if len(self._rows) >= self.max_rows or time.monotonic() - self._opened_at >= self.max_seconds:
+            self.flush()
+
+    def due(self) -> bool:
+        """True when the open part has waited `max_seconds`; callers that idle can flush on it."""
+        return bool(self._rows) and time.monotonic() - self._opened_at >= self.max_seconds
+
+    def flush(self) -> Path | None:
+        if not self._rows:
+            return None
+        final = self.folder / f"part-{self._next_index:05d}.parquet"
+        tmp = final.with_name(final.name + ".tmp")
+        table = pa.Table.from_pylist(self._rows, schema=self.schema)
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        if pq.read_metadata(tmp).num_rows != table.num_rows:
+            raise OSError(f"part {tmp} reads back {pq.read_metadata(tmp).num_rows} rows, wrote {table.num_rows}")
+        os.replace(tmp, final)
+        _fsync_dir(self.folder)
+        self._next_index += 1
+        self.parts_written += 1
+        self.rows_written += table.num_rows
+        self._rows = []
+        return final
+
+    def __enter__(self) -> PartWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.flush()  # rows of finished problems are kept on Ctrl-C or error too
+
+
+class RunLock:
+    """One writer per run folder: a second `distill generate` on the same run is refused, not interleaved."""
+
+    def __init__(self, run_dir: Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(run_dir / ".lock", "w")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise RuntimeError(f"run {run_dir} is in use by another process (lock {run_dir / '.lock'})") from None
+
+    def release(self) -> None:
+        self._file.close()

@@ -1,0 +1,70 @@
+"""The data contract: the record types that flow between stages and the Parquet schema of raw parts.
+
+Every stage imports its column names from here, so no stage invents its own (DESIGN.md, "Dataset contract").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+DOMAINS = ("math", "code", "mcq", "gym", "text")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One task for the teacher. `id` is stable across runs because resume and dedup key on it."""
+
+    id: str
+    source: str
+    domain: str
+    prompt: str
+    reference: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def stable_id(source: str, *content: str) -> str:
+    """A content hash for rows that carry no id of their own: the same row gets the same id on every run."""
+    digest = hashlib.sha256("\x1f".join((source, *content)).encode()).hexdigest()
+    return f"{source}-{digest[:16]}"
+
+
+def fingerprint(obj: Any) -> str:
+    """Short sha256 of a JSON-able object with sorted keys: equal settings give equal hashes on every machine."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# One row per completion, kept or not. Provenance columns make rows of different settings distinguishable.
+RAW_SCHEMA = pa.schema(
+    [
+        ("problem_id", pa.string()),
+        ("sample_index", pa.int32()),
+        ("source", pa.string()),
+        ("domain", pa.string()),
+        ("prompt", pa.string()),
+        ("reference", pa.string()),
+        ("metadata", pa.string()),  # JSON
+        ("messages", pa.string()),  # JSON list of {role, content} sent to the teacher
+        ("completion", pa.string()),  # the teacher's full text
+        ("reasoning", pa.string()),
+        ("answer", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("mean_token_entropy", pa.float64()),  # mean entropy (nats) of the renormalized top-k distribution
+        ("entropy_top_k", pa.int32()),  # K of that distribution, so h = H / log K can be computed later
+        ("teacher", pa.string()),
+        ("teacher_revision", pa.string()),
+        ("engine", pa.string()),
+        ("engine_version", pa.string()),
+        ("template_hash", pa.string()),
+        ("sampling", pa.string()),  # JSON
+        ("sampling_hash", pa.string()),
+        ("config_hash", pa.string()),
+        ("created_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)

