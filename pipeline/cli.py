@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.generate import generate
 
         stats = generate(recipe, quiet=args.quiet)
-    except (RecipeError, FileNotFoundError, RuntimeError) as e:
+    except (RecipeError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -20,7 +20,7 @@ class Completion:
     sample_index: int
     text: str
     finish_reason: str
-    completion_tokens: int
+    completion_tokens: int | None
     mean_token_entropy: float | None = None
     reasoning_field: str | None = None  # the engine's own reasoning output (vLLM reasoning parser), when present
 

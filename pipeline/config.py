@@ -7,7 +7,7 @@ rather than a setting silently ignored for a multi-hour run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -61,7 +61,7 @@ class HFSource(Strict):
     limit: int | None = Field(None, ge=1)
 
 
-SourceConfig = Annotated[Union[FileSource, GymSource, HumanEvalSource, HFSource], Field(discriminator="type")]
+SourceConfig = Annotated[FileSource | GymSource | HumanEvalSource | HFSource, Field(discriminator="type")]
 
 
 class SamplingConfig(Strict):
@@ -72,7 +72,11 @@ class SamplingConfig(Strict):
     top_p: float = Field(0.95, gt=0, le=1)
     max_tokens: int = Field(2048, ge=1, description="generated tokens per completion")
     logprobs: int = Field(5, ge=0, le=20, description="top-k logprobs per token used for the entropy summary; 0: off")
-    seed: int | None = Field(None, description="sampling seed; None lets the engine choose")
+    seed: int | None = Field(
+        None,
+        description="vllm/vllm-server: the engine's seed; openai: sent with each request. Engines we start get no "
+        "per-request seed: vLLM's CPU build crashes on a seeded request whose prefill is split into chunks",
+    )
 
 
 class TeacherConfig(Strict):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.completion import split_reasoning
 from pipeline.config import Recipe, RecipeError
-from pipeline.models import resolve_model
+from pipeline.models import ResolvedModel, resolve_model
 from pipeline.parts import PartWriter, RunLock, read_ledger, write_atomic_bytes
 from pipeline.progress import GenerationProgress
 from pipeline.records import Problem, fingerprint
@@ -30,7 +30,7 @@ from pipeline.sources import load_problems
 from pipeline.teacher.base import Teacher, TeacherRequest, TeacherResult
 
 
-def make_teacher(recipe: Recipe, model) -> Teacher:
+def make_teacher(recipe: Recipe, model: ResolvedModel) -> Teacher:
     cfg = recipe.teacher
     if cfg.backend == "vllm":
         from pipeline.teacher.vllm_engine import VLLMEngineTeacher
@@ -39,7 +39,7 @@ def make_teacher(recipe: Recipe, model) -> Teacher:
     if cfg.backend == "vllm-server":
         from pipeline.teacher.vllm_server import VLLMServerTeacher
 
-        return VLLMServerTeacher(model, cfg, log_path=recipe.run_dir / "vllm-server.log")
+        return VLLMServerTeacher(model, cfg, recipe.run_dir / "vllm-server.log", seed=recipe.sampling.seed)
     from pipeline.teacher.openai_client import OpenAITeacher
 
     return OpenAITeacher(cfg, served_model=model.name)
@@ -143,7 +143,7 @@ def generate(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None
                 template_hash = renderer.template(problem.domain).hash
                 rows = _rows(problem, messages[problem.id], result, provenance | {"template_hash": template_hash})
                 writer.add(rows)
-                tokens = sum(max(0, r["completion_tokens"]) for r in rows)
+                tokens = sum(r["completion_tokens"] or 0 for r in rows)
                 counts.update(answered=1, completions=len(rows), completion_tokens=tokens)
                 progress.advance(len(rows), tokens)
             generation_s = time.monotonic() - generation_started

@@ -150,19 +150,26 @@ def _gym_items(source: GymSource) -> Iterator[Item]:
     if unknown:
         close = sorted({m for t in unknown for m in difflib.get_close_matches(t, DATASETS, n=3)})
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown reasoning_gym task(s) {', '.join(map(repr, unknown))}{hint} "
-                         f"Valid names include {', '.join(sorted(DATASETS)[:8])}, ...")
+        raise ValueError(
+            f"unknown reasoning_gym task(s) {', '.join(map(repr, unknown))}{hint} "
+            f"Valid names include {', '.join(sorted(DATASETS)[:8])}, ..."
+        )
     for task in source.tasks:
         for i, entry in enumerate(reasoning_gym.create_dataset(task, size=source.size, seed=source.seed)):
             # The whole entry travels in the reference: the task's score_answer needs it to grade.
             reference = json.dumps({"task": task, "answer": entry["answer"], "entry": entry}, default=str)
-            yield f"reasoning_gym:{task}", i + 1, _raw(entry), Problem(
-                id=f"{source.name}-{task}-{source.seed}-{i}",
-                source=source.name,
-                domain="gym",
-                prompt=entry["question"],
-                reference=reference,
-                metadata={"task": task, "seed": source.seed, "index": i},
+            yield (
+                f"reasoning_gym:{task}",
+                i + 1,
+                _raw(entry),
+                Problem(
+                    id=f"{source.name}-{task}-{source.seed}-{i}",
+                    source=source.name,
+                    domain="gym",
+                    prompt=entry["question"],
+                    reference=reference,
+                    metadata={"task": task, "seed": source.seed, "index": i},
+                ),
             )
 
 
@@ -171,13 +178,18 @@ def _humaneval_items(source: HumanEvalSource) -> Iterator[Item]:
 
     for n, problem in enumerate(read_problems().values(), 1):
         reference = json.dumps({"tests": problem["test"], "entry_point": problem["entry_point"]})
-        yield "humaneval", n, _raw(problem), Problem(
-            id=problem["task_id"],
-            source=source.name,
-            domain="code",
-            prompt=problem["prompt"],  # instructions come from the templates, not from here
-            reference=reference,
-            metadata={"task_id": problem["task_id"], "canonical_solution": problem["canonical_solution"]},
+        yield (
+            "humaneval",
+            n,
+            _raw(problem),
+            Problem(
+                id=problem["task_id"],
+                source=source.name,
+                domain="code",
+                prompt=problem["prompt"],  # instructions come from the templates, not from here
+                reference=reference,
+                metadata={"task_id": problem["task_id"], "canonical_solution": problem["canonical_solution"]},
+            ),
         )
 
 

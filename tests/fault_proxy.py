@@ -28,6 +28,7 @@ upstream that is not on a loopback host.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import random
@@ -165,9 +166,8 @@ class FaultProxy:
             return
         self._stopping = True
         if loop is not None and not loop.is_closed():
-            try:
+            with contextlib.suppress(RuntimeError):  # loop already closed
                 loop.call_soon_threadsafe(self._signal_stop)
-            except RuntimeError:  # loop already closed
                 pass
         thread.join(timeout=10)
         if thread.is_alive():  # pragma: no cover - should not happen
@@ -175,7 +175,7 @@ class FaultProxy:
         self._thread = None
         self._loop = None
 
-    def __enter__(self) -> FaultProxy:  # noqa: PYI034
+    def __enter__(self) -> FaultProxy:
         self.start()
         return self
 
@@ -303,10 +303,8 @@ class FaultProxy:
             return
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            try:  # SO_LINGER with timeout 0: close() sends RST instead of FIN
+            with contextlib.suppress(OSError):  # SO_LINGER with timeout 0: close() sends RST instead of FIN
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass
         transport.abort()
 
     async def _delay(self, request: web.Request) -> bool:

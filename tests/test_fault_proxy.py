@@ -303,7 +303,7 @@ def test_stop_is_quick_with_requests_in_flight(upstream):
         try:
             with httpx.Client(timeout=20.0) as c:
                 results[name] = c.request(method, url + path, json={}).status_code
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             results[name] = e
 
     threads = [

@@ -41,7 +41,7 @@ class Teacher(ABC):
     @abstractmethod
     def generate(self, requests: Iterable[TeacherRequest], sampling: SamplingConfig) -> Iterator[TeacherResult]: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
         """Release the engine or server; safe to call twice."""
 
     def __enter__(self) -> Teacher:

@@ -45,8 +45,10 @@ class Endpoint:
 class OpenAITeacher(Teacher):
     engine = "openai"
 
-    def __init__(self, cfg: TeacherConfig, served_model: str, engine: str | None = None):
+    def __init__(self, cfg: TeacherConfig, served_model: str, engine: str | None = None, send_seed: bool = True):
+        """`send_seed=False` for servers started with the seed as their engine seed (see SamplingConfig.seed)."""
         super().__init__()
+        self._send_seed = send_seed
         self._cfg = cfg
         self._served_model = served_model
         if engine:
@@ -98,7 +100,7 @@ class OpenAITeacher(Teacher):
             )
             for url in self._cfg.endpoints
         ]
-        await asyncio.gather(*(self._probe(e) for e in endpoints))
+        await asyncio.gather(*(self._probe(e, endpoints) for e in endpoints))
         slots = asyncio.Semaphore(self._cfg.concurrency)
         tasks: set[asyncio.Task] = set()
 
@@ -123,19 +125,22 @@ class OpenAITeacher(Teacher):
                 task.cancel()
             await asyncio.gather(*(e.client.close() for e in endpoints), return_exceptions=True)
 
-    async def _probe(self, endpoint: Endpoint) -> None:
+    async def _probe(self, endpoint: Endpoint, endpoints: list[Endpoint]) -> None:
         """Take an endpoint that does not answer /models out of rotation before the first request."""
         try:
             await endpoint.client.models.list(timeout=10)
         except (openai.APIError, httpx.HTTPError):
             self.counters["endpoint_down_at_start"] += 1
-            self._failed(endpoint, force=True)
+            self._failed(endpoint, endpoints, force=True)
 
-    def _failed(self, endpoint: Endpoint, force: bool = False) -> None:
+    def _failed(self, endpoint: Endpoint, endpoints: list[Endpoint], force: bool = False) -> None:
+        """Cool an endpoint down only while another one is healthy: the last one left is retried with backoff."""
         endpoint.failures += 1
-        if force or endpoint.failures >= _FAILURES_BEFORE_COOLDOWN:
+        now = time.monotonic()
+        others_healthy = any(e is not endpoint and e.healthy(now) for e in endpoints)
+        if force or (others_healthy and endpoint.failures >= _FAILURES_BEFORE_COOLDOWN):
             cooldown = min(_COOLDOWN_S[1], _COOLDOWN_S[0] * 2 ** max(0, endpoint.failures - _FAILURES_BEFORE_COOLDOWN))
-            endpoint.down_until = time.monotonic() + cooldown
+            endpoint.down_until = now + cooldown
             self.counters["endpoint_cooldowns"] += 1
 
     async def _pick(self, endpoints: list[Endpoint]) -> Endpoint:
@@ -163,7 +168,7 @@ class OpenAITeacher(Teacher):
                     max_tokens=sampling.max_tokens,
                     logprobs=bool(sampling.logprobs),
                     top_logprobs=sampling.logprobs or None,
-                    seed=sampling.seed,
+                    seed=sampling.seed if self._send_seed else None,
                     extra_headers={"X-Request-Id": f"{request.key}-{attempt}"},
                 )
                 endpoint.failures = 0
@@ -172,7 +177,7 @@ class OpenAITeacher(Teacher):
                 kind, last_error = "timeout", str(e)
             except openai.APIConnectionError as e:
                 kind, last_error = "connection", str(e)
-                self._failed(endpoint)
+                self._failed(endpoint, endpoints)
             except openai.APIStatusError as e:
                 last_error = f"HTTP {e.status_code}: {e.message}"
                 if e.status_code not in _RETRY_STATUS and e.status_code < 500:
@@ -183,7 +188,7 @@ class OpenAITeacher(Teacher):
                 kind = f"http_{e.status_code}"
                 retry_after = _retry_after(e.response)
                 if e.status_code >= 500:
-                    self._failed(endpoint)
+                    self._failed(endpoint, endpoints)
             finally:
                 endpoint.in_flight -= 1
             self.counters[f"retry_{kind}"] += 1
@@ -215,12 +220,17 @@ def _result(key: str, response, sampling: SamplingConfig) -> TeacherResult:
                 sample_index=sample_index,
                 text=choice.message.content or "",
                 finish_reason=choice.finish_reason or "unknown",
-                completion_tokens=len(tokens) if tokens else (response.usage.completion_tokens if sampling.n == 1 else -1),
+                completion_tokens=len(tokens) if tokens else _untracked_tokens(response, sampling),
                 mean_token_entropy=entropy,
                 reasoning_field=extra.get("reasoning_content") or extra.get("reasoning"),
             )
         )
     return TeacherResult(key, completions, response.usage.prompt_tokens if response.usage else None)
+
+
+def _untracked_tokens(response, sampling: SamplingConfig) -> int | None:
+    """Without logprobs a server reports only the total over all n choices: exact for n == 1, unknown otherwise."""
+    return response.usage.completion_tokens if response.usage and sampling.n == 1 else None
 
 
 def _server_version(endpoints: list[str]) -> str:

@@ -27,7 +27,6 @@ def sampling_params(sampling: SamplingConfig):
         top_p=sampling.top_p,
         max_tokens=sampling.max_tokens,
         logprobs=sampling.logprobs or None,
-        seed=sampling.seed,
         output_kind=RequestOutputKind.FINAL_ONLY,
     )
 
@@ -43,7 +42,7 @@ def load_llm(model: ResolvedModel, cfg: TeacherConfig, seed: int | None = None):
         enforce_eager=cfg.enforce_eager,
         max_model_len=cfg.max_model_len,
         max_num_seqs=cfg.max_num_seqs,
-        seed=seed if seed is not None else 0,
+        seed=seed if seed is not None else 0,  # per-request seeds crash the CPU build (see SamplingConfig.seed)
     )
 
 
@@ -74,8 +73,7 @@ class VLLMEngineTeacher(Teacher):
                 if request is None:
                     exhausted = True
                     break
-                text = self._tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
-                ids = self._tokenizer.encode(text, add_special_tokens=False)
+                ids = self._prompt_ids(request.messages)
                 if len(ids) + sampling.max_tokens > self._cfg.max_model_len:
                     self.counters["rejected_too_long"] += 1
                     yield TeacherResult(
@@ -95,6 +93,10 @@ class VLLMEngineTeacher(Teacher):
                 if output.finished and output.request_id in in_flight:
                     key, prompt_tokens = in_flight.pop(output.request_id)
                     yield TeacherResult(key, _completions(output, sampling.logprobs), prompt_tokens)
+
+    def _prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self._tokenizer.encode(text, add_special_tokens=False)
 
     def close(self) -> None:
         if self._owns_llm and self.llm is not None:

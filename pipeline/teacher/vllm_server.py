@@ -40,8 +40,10 @@ def free_port() -> int:
 class ManagedVLLMServer:
     """A vLLM server on 127.0.0.1 for the lifetime of a `with` block."""
 
-    def __init__(self, model: ResolvedModel, cfg: TeacherConfig, log_path: Path, max_logprobs: int = 20):
-        self.model, self.cfg, self.log_path = model, cfg, Path(log_path)
+    def __init__(
+        self, model: ResolvedModel, cfg: TeacherConfig, log_path: Path, seed: int | None = None, max_logprobs: int = 20
+    ):
+        self.model, self.cfg, self.log_path, self.seed = model, cfg, Path(log_path), seed
         self.port = cfg.port or free_port()
         self.max_logprobs = max_logprobs
         self.process: subprocess.Popen | None = None
@@ -57,6 +59,8 @@ class ManagedVLLMServer:
         cmd += ["--max-num-seqs", str(self.cfg.max_num_seqs), "--max-logprobs", str(self.max_logprobs)]
         if self.cfg.enforce_eager:
             cmd.append("--enforce-eager")
+        if self.seed is not None:
+            cmd += ["--seed", str(self.seed)]
         return cmd + list(self.cfg.server_args)
 
     def start(self) -> str:
@@ -124,10 +128,11 @@ class ManagedVLLMServer:
 class VLLMServerTeacher(OpenAITeacher):
     """The `openai` backend pointed at a server this object starts and stops."""
 
-    def __init__(self, model: ResolvedModel, cfg: TeacherConfig, log_path: Path):
-        self.server = ManagedVLLMServer(model, cfg, log_path)
+    def __init__(self, model: ResolvedModel, cfg: TeacherConfig, log_path: Path, seed: int | None = None):
+        self.server = ManagedVLLMServer(model, cfg, log_path, seed=seed)
         url = self.server.start()
-        super().__init__(cfg.model_copy(update={"endpoints": [url]}), served_model=model.name, engine="vllm-server")
+        endpoints = {"endpoints": [url]}
+        super().__init__(cfg.model_copy(update=endpoints), model.name, engine="vllm-server", send_seed=False)
         self.engine_version = vllm_version()
 
     def close(self) -> None:

@@ -43,7 +43,7 @@ def test_invalid_recipe_error_names_the_field(overrides, field):
 def test_unknown_source_type_and_malformed_override_are_clear(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"name": "x", "sources": [{"type": "csv", "path": "a"}]}))
-    with pytest.raises(RecipeError, match="recipe field sources.0"):
+    with pytest.raises(RecipeError, match=r"recipe field sources\.0"):
         load_recipe(path)
     with pytest.raises(RecipeError, match="expected FIELD=VALUE"):
         load_recipe(path, ["sampling.n"])

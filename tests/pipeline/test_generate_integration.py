@@ -41,9 +41,15 @@ def _assert_complete(run_dir: Path, expected: list[tuple[str, int]] | None = Non
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
-    """One uninterrupted run with the in-process engine; the resume and fault tests compare against it."""
+    """One uninterrupted run with the in-process engine; the resume and fault tests compare against it.
+
+    Seeded, with a template that repeats each problem so that 32 sequences of ~400 distinct prompt tokens overflow
+    one step's token budget (4096) and prefills are split into chunks: with a per-request seed, that crashes vLLM's
+    CPU build ("CPU Generator does not use offset"); the seed must go to the engine instead.
+    """
     tmp = tmp_path_factory.mktemp("reference")
-    recipe = small_recipe(tmp, "reference")
+    (tmp / "long.txt").write_text("{% for _ in range(25) %}{{ prompt }}\n{% endfor %}")
+    recipe = small_recipe(tmp, "reference", sampling={"seed": 0}, templates={"math": "long.txt", "gym": "long.txt"})
     result = run_distill(str(recipe), "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
     return recipe, tmp / "runs" / "reference"
@@ -64,6 +70,8 @@ def test_inprocess_vllm_backend_writes_complete_parts_with_provenance(reference_
     # top-5 entropy lies in [0, log 5]; the full logprob arrays are not stored
     assert all(0 <= r["mean_token_entropy"] <= 1.6095 for r in rows)
     assert {r["entropy_top_k"] for r in rows} == {5}
+    prompt_tokens = {r["problem_id"]: r["prompt_tokens"] for r in rows}
+    assert N_SAMPLES * sum(prompt_tokens.values()) > 4096, "prefills must have been chunked (see reference_run)"
     assert "logprobs" not in table.column_names
     assert all(r["completion"] and r["answer"] == r["completion"].strip() for r in rows)
     stats = read_stats(run_dir)
@@ -83,7 +91,7 @@ def test_finished_run_rerun_makes_no_teacher_calls_and_changes_nothing(reference
 
 
 def test_resume_with_other_sampling_is_refused(reference_run):
-    recipe, run_dir = reference_run
+    recipe, _run_dir = reference_run
     result = run_distill(str(recipe), "sampling.temperature=0.9", "--quiet")
     assert result.returncode == 2
     assert "other settings" in result.stderr and "sampling" in result.stderr
@@ -122,10 +130,10 @@ def test_sigkill_at_three_moments_then_resume_equals_uninterrupted_run(vllm_serv
     # Kill points: during start-up, right after the first closed part, and mid-run after more parts.
     kill_when = [lambda: True, lambda: closed_parts() >= 1, lambda: closed_parts() >= 5]
     delays = [1.5, 0.0, 0.3]
-    for when, delay in zip(kill_when, delays):
+    for when, delay in zip(kill_when, delays, strict=False):
         before = closed_parts()
         process = subprocess.Popen(distill_command(*args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _wait_for(lambda: when() or process.poll() is not None, 300, "the kill point")
+        _wait_for(lambda when=when, process=process: when() or process.poll() is not None, 300, "the kill point")
         time.sleep(delay)
         assert process.poll() is None, f"run finished before it could be killed: {process.stderr.read()[-2000:]}"
         process.send_signal(signal.SIGKILL)
@@ -143,7 +151,7 @@ def test_fault_proxy_failing_a_fifth_of_requests_still_answers_every_problem(vll
     upstream = vllm_server.url.removesuffix("/v1")
     with FaultProxy(upstream, failure_rate=0.2, delay_s=40, seed=7) as proxy:
         recipe = small_recipe(tmp_path, "faulty")
-        overrides = _openai_overrides(f"{proxy.url}/v1") + ["teacher.request_timeout_s=20", "teacher.concurrency=8"]
+        overrides = [*_openai_overrides(f"{proxy.url}/v1"), "teacher.request_timeout_s=20", "teacher.concurrency=8"]
         result = run_distill(str(recipe), *overrides, "--quiet")
         counts = dict(proxy.counts)
     assert result.returncode == 0, result.stderr[-3000:]

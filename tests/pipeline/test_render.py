@@ -28,5 +28,5 @@ def test_system_prompt_and_custom_template_from_the_recipe_folder(tmp_path):
 
 
 def test_missing_template_names_the_recipe_field():
-    with pytest.raises(FileNotFoundError, match="templates.math"):
+    with pytest.raises(FileNotFoundError, match=r"templates\.math"):
         Renderer({"math": "nope.txt"}).messages(Problem("p1", "s", "math", "x"))

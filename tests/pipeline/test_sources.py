@@ -60,8 +60,12 @@ def test_column_mapping_metadata_and_domain(tmp_path):
             json.dumps({"prompt": "unmapped", "answer": "x"}),
         ],
     )
-    src = FileSource(path="qa.jsonl", name="qa", domain="text",
-                     columns={"prompt": "question", "reference": "answer", "domain": "kind"})
+    src = FileSource(
+        path="qa.jsonl",
+        name="qa",
+        domain="text",
+        columns={"prompt": "question", "reference": "answer", "domain": "kind"},
+    )
     problems, rejects = load_problems([src], tmp_path)
     assert [p.prompt for p in problems] == ["Q1", "Q2"]
     assert problems[0].reference == "A1"
@@ -78,7 +82,7 @@ def test_invalid_source_domain_and_missing_file_are_fatal(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [json.dumps({"prompt": "p"})])
     with pytest.raises(ValueError, match="'poetry'"):
         load_problems([FileSource(path="a.jsonl", domain="poetry")], tmp_path)
-    with pytest.raises(FileNotFoundError, match="file source 'missing'.*missing.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"file source 'missing'.*missing\.jsonl"):
         load_problems([FileSource(path="missing.jsonl")], tmp_path)
 
 
