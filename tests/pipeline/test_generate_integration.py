@@ -139,6 +139,7 @@ def test_sigkill_at_three_moments_then_resume_equals_uninterrupted_run(vllm_serv
         process.send_signal(signal.SIGKILL)
         process.wait()
         assert closed_parts() >= before, "a kill must never lose a closed part"
+        print(f"SIGKILL with {closed_parts()} closed parts and {len(list(raw.glob('*.tmp')))} temporary part(s)")
     assert closed_parts() < N_PROBLEMS, "the kills should have interrupted the run"
     result = run_distill(*args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -149,7 +150,8 @@ def test_sigkill_at_three_moments_then_resume_equals_uninterrupted_run(vllm_serv
 
 def test_fault_proxy_failing_a_fifth_of_requests_still_answers_every_problem(vllm_server, tmp_path, reference_run):
     upstream = vllm_server.url.removesuffix("/v1")
-    with FaultProxy(upstream, failure_rate=0.2, delay_s=40, seed=7) as proxy:
+    # Seed 4 draws each fault kind at least once within the run's ~21 requests (5 failures).
+    with FaultProxy(upstream, failure_rate=0.2, delay_s=40, seed=4) as proxy:
         recipe = small_recipe(tmp_path, "faulty")
         overrides = [*_openai_overrides(f"{proxy.url}/v1"), "teacher.request_timeout_s=20", "teacher.concurrency=8"]
         result = run_distill(str(recipe), *overrides, "--quiet")
@@ -159,7 +161,8 @@ def test_fault_proxy_failing_a_fifth_of_requests_still_answers_every_problem(vll
     _assert_complete(run_dir, expected=sample_keys(reference_run[1]))
     retries = read_stats(run_dir)["retries"]
     injected = counts["error_500"] + counts["reset"] + counts["delay"]
-    assert injected >= 2, f"the proxy injected too few faults to test anything: {counts}"
+    print(f"proxy: {counts}; stats.json retries: {retries}")  # figures for the report (pytest -rP)
+    assert min(counts["error_500"], counts["reset"], counts["delay"]) >= 1, f"a fault kind was not injected: {counts}"
     assert retries.get("retry_http_500", 0) == counts["error_500"]
     assert retries.get("retry_connection", 0) >= counts["reset"]
     assert retries.get("retry_timeout", 0) >= counts["delay"]
