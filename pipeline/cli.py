@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -37,6 +38,25 @@ def make_parser() -> argparse.ArgumentParser:
         help="override any recipe field, dotted, value parsed as YAML: sampling.n=4 'teacher.endpoints=[URL]'",
     )
     gen.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary (batch jobs)")
+    gen.add_argument(
+        "--no-verify", action="store_true", help="skip the inline verify stage (same as verify.inline=false)"
+    )
+
+    ver = sub.add_parser(
+        "verify",
+        help="judge completions (math-verify, code sandbox, reasoning-gym scorers) and apply quality filters",
+        description=(
+            "Judge a run's raw parts into RUN/verified/ (verdict, reason, failed_filters per row), or any"
+            " JSONL/Parquet file with domain, reference and completion columns (--input/--output)."
+            " Never calls the teacher: re-run it after changing a verifier or filter setting."
+        ),
+        epilog="examples: distill verify runs/demo | distill verify --input gens.jsonl --output gens.parquet",
+    )
+    ver.add_argument("target", nargs="?", type=Path, help="a run folder (uses its recipe.yaml) or a recipe YAML")
+    ver.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help="e.g. verify.math.timeout_s=10")
+    ver.add_argument("--input", type=Path, help="file mode: JSONL or Parquet rows to verify")
+    ver.add_argument("--output", type=Path, help="file mode: Parquet file to write (rejects beside it)")
+    ver.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
     models = sub.add_parser("models", help="prepare and list teacher models", description="Model cache tools.")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
@@ -61,10 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
+        if args.command == "verify":
+            return _verify(args)
         recipe = load_recipe(args.recipe, args.overrides)
         from pipeline.generate import generate
 
         stats = generate(recipe, quiet=args.quiet)
+        if recipe.verify.inline and not args.no_verify:
+            from pipeline.verify import verify_run
+
+            verify_run(recipe.run_dir, recipe.verify, quiet=args.quiet)
     except (RecipeError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
@@ -79,6 +105,31 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 3
     return 0
+
+
+def _verify(args) -> int:
+    from pipeline.config import RecipeError, VerifyConfig, apply_overrides, load_recipe, validate
+    from pipeline.verify import verify_file, verify_run
+
+    if args.input or args.output:
+        # argparse puts a first FIELD=VALUE in `target`: file mode has no run folder, so it is an override too
+        overrides = [str(args.target), *args.overrides] if args.target else args.overrides
+        if not (args.input and args.output):
+            raise RecipeError("file mode needs both --input and --output")
+        data = apply_overrides({}, overrides)
+        if set(data) - {"verify"}:
+            raise RecipeError("file mode takes only verify.* overrides")
+        cfg = validate(VerifyConfig, data.get("verify", {}), "verify settings", prefix="verify.")
+        stats = verify_file(args.input, args.output, cfg, quiet=args.quiet)
+    else:
+        if args.target is None:
+            raise RecipeError("give a run folder or a recipe (or --input/--output for file mode)")
+        run_folder = args.target.is_dir()
+        recipe = load_recipe(args.target / "recipe.yaml" if run_folder else args.target, args.overrides)
+        stats = verify_run(args.target if run_folder else recipe.run_dir, recipe.verify, quiet=args.quiet)
+    if not args.quiet:  # the summary, without the long per-reason breakdown kept in stats.json
+        print(json.dumps({k: v for k, v in stats.items() if k != "reasons"}, indent=2))
+    return 3 if stats.get("infra_error") else 0
 
 
 if __name__ == "__main__":

@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from pipeline.config_base import Strict
+from pipeline.verify_config import VerifyConfig
 
 
 class FileSource(Strict):
@@ -123,6 +122,7 @@ class Recipe(Strict):
     sampling: SamplingConfig = SamplingConfig()
     teacher: TeacherConfig = TeacherConfig()
     output: OutputConfig = OutputConfig()
+    verify: VerifyConfig = VerifyConfig()
     base_dir: str = Field(".", description="folder that relative source paths resolve against (set on load)")
 
     @property
@@ -162,6 +162,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), defaults: di
         if not isinstance(data, dict):
             raise RecipeError(f"recipe {path}: top level must be a mapping of fields")
         data.setdefault("base_dir", str(path.parent))
+    apply_overrides(data, overrides)
+    return validate(Recipe, data, f"recipe {path or ''}")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -170,11 +175,16 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), defaults: di
             _set_dotted(data, key.strip(), yaml.safe_load(raw))
         except (IndexError, ValueError, KeyError) as e:
             raise RecipeError(f"override {item!r}: {e}") from e
+    return data
+
+
+def validate(model: type[Strict], data: dict[str, Any], label: str, prefix: str = "") -> Any:
+    """Validate `data`, turning pydantic's errors into one message that names each bad field."""
     try:
-        return Recipe.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            where = prefix + ".".join(str(p) for p in err["loc"]) or "(top level)"
             lines.append(f"  recipe field {where}: {err['msg']}")
-        raise RecipeError(f"invalid recipe {path or ''}\n" + "\n".join(lines)) from None
+        raise RecipeError(f"invalid {label}\n" + "\n".join(lines)) from None

@@ -19,10 +19,12 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+import yaml
+
 from pipeline.completion import split_reasoning
 from pipeline.config import Recipe, RecipeError
 from pipeline.models import ResolvedModel, resolve_model
-from pipeline.parts import PartWriter, RunLock, read_ledger, write_atomic_bytes
+from pipeline.parts import PartWriter, RunLock, read_ledger, update_stats, write_atomic_bytes
 from pipeline.progress import GenerationProgress
 from pipeline.records import Problem, fingerprint
 from pipeline.render import Renderer
@@ -109,6 +111,8 @@ def generate(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None
             "sampling": sampling,
         }
         config_hash = _check_fingerprint(run_dir, settings)
+        resolved = recipe.model_dump(mode="json") | {"base_dir": str(Path(recipe.base_dir).resolve())}
+        write_atomic_bytes(run_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
         done = read_ledger(run_dir / "raw")
         todo = [p for p in problems if p.id not in done]
         by_id = {p.id: p for p in todo}
@@ -170,7 +174,7 @@ def generate(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None
             "retries": dict(teacher.counters) if teacher else {},
             "parts_written": writer.parts_written,
         }
-        write_atomic_bytes(run_dir / "stats.json", json.dumps(stats, indent=2).encode())
+        update_stats(run_dir, "generate", stats)
         progress.summary(stats)
         return stats
     finally:

@@ -9,6 +9,7 @@ temporary leftovers are removed and their problems redone. Completions of one pr
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import time
@@ -43,6 +44,26 @@ def write_atomic_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> None:
+    """Write, fsync, check the footer reads back, then rename: a reader never sees a half-written Parquet file."""
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    if pq.read_metadata(tmp).num_rows != table.num_rows:
+        raise OSError(f"{tmp} reads back {pq.read_metadata(tmp).num_rows} rows, wrote {table.num_rows}")
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def update_stats(run_dir: Path, stage: str, stats: dict) -> None:
+    """stats.json holds one section per stage; a stage rewrites only its own."""
+    path = Path(run_dir) / "stats.json"
+    current = json.loads(path.read_text()) if path.exists() else {}
+    current[stage] = stats
+    write_atomic_bytes(path, json.dumps(current, indent=2, default=str).encode())
 
 
 def read_ledger(folder: Path) -> set[str]:
@@ -84,15 +105,8 @@ class PartWriter:
         if not self._rows:
             return None
         final = self.folder / f"part-{self._next_index:05d}.parquet"
-        tmp = final.with_name(final.name + ".tmp")
         table = pa.Table.from_pylist(self._rows, schema=self.schema)
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        if pq.read_metadata(tmp).num_rows != table.num_rows:
-            raise OSError(f"part {tmp} reads back {pq.read_metadata(tmp).num_rows} rows, wrote {table.num_rows}")
-        os.replace(tmp, final)
-        _fsync_dir(self.folder)
+        write_table_atomic(table, final)
         self._next_index += 1
         self.parts_written += 1
         self.rows_written += table.num_rows

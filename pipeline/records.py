@@ -68,3 +68,15 @@ RAW_SCHEMA = pa.schema(
         ("created_at", pa.timestamp("ms", tz="UTC")),
     ]
 )
+
+# Added by `distill verify`: the verdict, why, and which quality filters the completion failed.
+VERDICT_FIELDS = [
+    pa.field("verifier", pa.string()),
+    pa.field("status", pa.string()),  # passed | failed | infra_error
+    pa.field("passed", pa.bool_()),
+    pa.field("reason", pa.string()),
+    pa.field("verdict_detail", pa.string()),  # JSON
+    pa.field("failed_filters", pa.list_(pa.string())),
+    pa.field("verify_hash", pa.string()),  # fingerprint of the verify settings that produced the verdict
+]
+VERIFIED_SCHEMA = pa.schema([*RAW_SCHEMA, *VERDICT_FIELDS])

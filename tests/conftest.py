@@ -79,5 +79,5 @@ def sample_keys(run_dir: Path) -> list[tuple[str, int]]:
     return list(zip(table.column("problem_id").to_pylist(), table.column("sample_index").to_pylist(), strict=False))
 
 
-def read_stats(run_dir: Path) -> dict:
-    return json.loads((run_dir / "stats.json").read_text())
+def read_stats(run_dir: Path, stage: str = "generate") -> dict:
+    return json.loads((run_dir / "stats.json").read_text())[stage]

@@ -76,15 +76,22 @@ def test_inprocess_vllm_backend_writes_complete_parts_with_provenance(reference_
     assert all(r["completion"] and r["answer"] == r["completion"].strip() for r in rows)
     stats = read_stats(run_dir)
     assert stats["problems_answered"] == N_PROBLEMS and stats["completions"] == N_PROBLEMS * N_SAMPLES
+    # verify ran inline: every completion has a verdict from its domain's verifier
+    verified = pq.read_table(run_dir / "verified").to_pylist()
+    assert len(verified) == N_PROBLEMS * N_SAMPLES
+    assert {(r["domain"], r["verifier"]) for r in verified} == {("math", "math"), ("gym", "gym")}
+    assert {r["status"] for r in verified} <= {"passed", "failed"}
+    assert read_stats(run_dir, "verify")["rows"] == N_PROBLEMS * N_SAMPLES
     assert stats["parts_written"] == len(list((run_dir / "raw").glob("part-*.parquet"))) >= 2
 
 
 def test_finished_run_rerun_makes_no_teacher_calls_and_changes_nothing(reference_run):
     recipe, run_dir = reference_run
-    parts = {p.name: p.read_bytes() for p in (run_dir / "raw").glob("part-*.parquet")}
+    parts = {p: p.read_bytes() for p in (run_dir / "raw").glob("part-*.parquet")}
+    parts |= {p: p.read_bytes() for p in (run_dir / "verified").glob("part-*.parquet")}
     result = run_distill(str(recipe), "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert {p.name: p.read_bytes() for p in (run_dir / "raw").glob("part-*.parquet")} == parts
+    assert {p: p.read_bytes() for p in parts} == parts
     stats = read_stats(run_dir)
     assert stats["problems_answered"] == 0 and stats["problems_resumed"] == N_PROBLEMS
     assert stats["engine"] == "", "no engine may be started when nothing is left to do"

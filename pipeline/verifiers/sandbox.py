@@ -1,0 +1,342 @@
+"""Runs an untrusted Python program with no network, no view of the host's secrets, and hard limits.
+
+bubblewrap gives each program its own mount, pid, net, ipc and uts namespaces: it sees the system folders and the
+Python installation read-only, plus small private tmpfs folders. Started by root, bwrap keeps every capability unless
+told otherwise, and RLIMIT_NPROC does not bind uid 0; so a launcher inside the sandbox switches to a uid of its own
+(one per concurrent run) before the program starts, which drops the capabilities and makes the fork limit real.
+Where bwrap cannot run, the fallback keeps the limits, the fresh session, the clean environment and the uid switch,
+and adds an audit hook against network, process spawning, and touching files outside the work folder. That hook is a
+speed bump, not a wall: Python's audit hooks are no security boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import json
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+from pipeline.verify_config import CodeConfig
+
+FILE_SIZE_LIMIT_BYTES = 10 * 2**20  # RLIMIT_FSIZE: no single file written may be larger
+TMPFS_SIZE_BYTES = 64 * 2**20  # the sandbox's work folder and /tmp live in memory; this caps each
+SANDBOX_UID_BASE = 1_000_000  # uids from here on run programs; each run gets one nobody else uses
+SANDBOX_WORK_DIR = "/sandbox"
+_DRAIN_GRACE_S = 1.0  # after the program exits, how long output from leftover children is still awaited
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc")
+_MARKER = b"ok"  # what the launcher writes just before it hands over to the program
+_PR_SET_PDEATHSIG = 1
+
+# Runs inside the sandbox before the program: after it writes the marker, whatever fails is the program's fault.
+_LAUNCHER = r"""
+import json, os, resource, runpy, sys
+cfg = json.loads(sys.argv[1])
+if cfg["uid"] is not None:
+    os.setgroups([])
+    os.setgid(cfg["uid"])
+    os.setuid(cfg["uid"])
+for name, soft, hard in cfg["limits"]:
+    resource.setrlimit(getattr(resource, name), (soft, hard))
+if cfg["guard"]:
+    work = os.path.realpath(cfg["work_dir"])
+    readable = [os.path.realpath(p) for p in cfg["readable"] + [sys.base_prefix, sys.prefix]] + [work]
+    blocked = {"socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.getaddrinfo",
+               "socket.gethostbyname", "socket.gethostbyaddr", "subprocess.Popen", "os.system", "os.exec",
+               "os.posix_spawn", "os.spawn", "ctypes.dlopen", "ctypes.dlsym", "ctypes.dlsym/handle"}
+    changes = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.link", "os.symlink", "os.truncate",
+               "os.chmod", "os.chown", "os.utime", "shutil.rmtree"}
+    writing_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+    def inside(path, roots):
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            return True
+        real = os.path.realpath(os.fsdecode(path))
+        return any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots)
+
+    def guard(event, args):
+        if event in blocked:
+            raise PermissionError(f"sandbox: {event} is not allowed")
+        roots = [work] if event != "open" or args[2] & writing_flags else [*readable, f"/proc/{os.getpid()}"]
+        if event == "open" and not inside(args[0], roots):
+            raise PermissionError(f"sandbox: open of {args[0]!r} is not allowed")
+        if event in changes and not all(inside(arg, roots) for arg in args[:2]):
+            raise PermissionError(f"sandbox: {event} outside the work folder is not allowed")
+
+    sys.addaudithook(guard)
+os.write(cfg["marker_fd"], b"ok")
+os.close(cfg["marker_fd"])
+sys.argv = [cfg["program"]]
+del cfg
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@dataclass
+class SandboxResult:
+    exit_code: int | None  # None when the program was killed by the harness (deadline, output cap)
+    stdout: str
+    stderr: str
+    timed_out: bool
+    output_exceeded: bool
+    isolation: str  # "bwrap" | "rlimit"
+    wall_s: float
+    setup_error: str | None = None  # the sandbox itself failed before the program ran: an infrastructure fault
+
+
+class _UidPool:
+    """Hands each concurrent run its own uid, so that RLIMIT_NPROC counts that run's processes alone. Round-robin:
+    the zombies of a killed fork bomb still count against RLIMIT_NPROC until init reaps them."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._lock, self._taken, self._size, self._next = threading.Lock(), set(), size, 0
+
+    def uids(self) -> range:
+        """This process's uids; other verifier processes use other ranges (unless their pids collide mod 10,000)."""
+        start = SANDBOX_UID_BASE + (os.getpid() % 10_000) * self._size
+        return range(start, start + self._size)
+
+    def acquire(self) -> int:
+        base = self.uids().start
+        with self._lock:
+            while base + self._next in self._taken:
+                self._next = (self._next + 1) % self._size
+            uid, self._next = base + self._next, (self._next + 1) % self._size
+            self._taken.add(uid)
+            return uid
+
+    def release(self, uid: int) -> None:
+        with self._lock:
+            self._taken.discard(uid)
+
+
+def sandbox_uids() -> range:
+    """The uids this process runs programs as (when root): a process of one of them still alive is a leak."""
+    return _UIDS.uids()
+
+
+def _not_started(isolation: str, error: str) -> SandboxResult:
+    return SandboxResult(None, "", "", False, False, isolation, 0.0, setup_error=error)
+
+
+_UIDS = _UidPool()
+_LINUX = sys.platform == "linux"
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if _LINUX else None
+
+
+def _die_with_parent() -> None:
+    """Runs in the forked child (after its uid switch, which would reset it): the verifier's death kills it."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _base_python() -> str:
+    candidate = os.path.join(sys.base_prefix, "bin", "python3")
+    return candidate if os.path.exists(candidate) else os.path.realpath(sys.executable)
+
+
+def _limits(cfg: CodeConfig) -> list[tuple[str, int, int]]:
+    """(soft, hard): a CPU hog gets SIGXCPU first, so that the verdict can tell it from other deaths."""
+    fixed = [("RLIMIT_AS", cfg.memory_mb * 2**20), ("RLIMIT_NPROC", cfg.max_processes), ("RLIMIT_CORE", 0)]
+    fixed += [("RLIMIT_NOFILE", cfg.max_open_files), ("RLIMIT_FSIZE", FILE_SIZE_LIMIT_BYTES)]
+    return [("RLIMIT_CPU", cfg.cpu_s, cfg.cpu_s + 1)] + [(name, value, value) for name, value in fixed]
+
+
+def _environment(work_dir: str) -> dict[str, str]:
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": work_dir, "TMPDIR": work_dir, "LANG": "C.UTF-8"}
+    return env | {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
+
+
+def _bwrap_argv(bwrap: str, python: str, program_fd: int, privileged: bool) -> list[str]:
+    """Only what Python needs is bound; in particular not the rest of the home folder holding the installation."""
+    if privileged:  # a user namespace would map uid 0 alone, leaving the launcher no uid to switch to
+        argv = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
+        argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        argv = [bwrap, "--unshare-all"]
+    argv += ["--die-with-parent", "--new-session", "--clearenv"]
+    for path in _SYSTEM_DIRS:
+        if os.path.islink(path):
+            argv += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            argv += ["--ro-bind", path, path]
+    prefix = os.path.realpath(sys.base_prefix)
+    if not any(prefix == path or prefix.startswith(path + "/") for path in _SYSTEM_DIRS):
+        parents = prefix.split("/")[1:-1]
+        for depth in range(1, len(parents) + 1):  # world-traversable, unlike /root on the host
+            argv += ["--perms", "0755", "--dir", "/" + "/".join(parents[:depth])]
+        argv += ["--ro-bind", prefix, prefix]
+    size = str(TMPFS_SIZE_BYTES)
+    argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", size, "--tmpfs", "/tmp"]
+    argv += ["--perms", "1777", "--size", size, "--tmpfs", "/dev/shm"]
+    argv += ["--perms", "0777", "--size", size, "--tmpfs", SANDBOX_WORK_DIR, "--chdir", SANDBOX_WORK_DIR]
+    argv += ["--perms", "0644", "--file", str(program_fd), f"{SANDBOX_WORK_DIR}/main.py"]
+    for key, value in _environment(SANDBOX_WORK_DIR).items():
+        argv += ["--setenv", key, value]
+    return [*argv, "--", python]
+
+
+@functools.cache
+def _bwrap_works() -> bool:
+    result = run_python("pass", cfg=CodeConfig(isolation="bwrap", timeout_s=20, workers=1))
+    return result.exit_code == 0 and result.setup_error is None
+
+
+@functools.cache
+def _fallback_python(drop_privileges: bool) -> str | None:
+    """The interpreter the dropped uid can execute: a root-only home folder hides the one this process runs."""
+    candidates = [_base_python(), os.path.realpath(sys.executable), "/usr/bin/python3", "/usr/local/bin/python3"]
+    uid = SANDBOX_UID_BASE - 1 if drop_privileges else None  # a uid no run uses, so no sweep kills the probe
+    return next((python for python in dict.fromkeys(candidates) if _runs_as(python, uid)), None)
+
+
+def _runs_as(python: str, uid: int | None) -> bool:
+    probe = [python, "-I", "-c", "import json, resource, runpy"]
+    account = {"user": uid, "group": uid, "extra_groups": None if uid is None else []}
+    try:
+        return subprocess.run(probe, **account, capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def available_isolation(cfg: CodeConfig) -> str:
+    """The isolation a run under cfg gets: "auto" means bubblewrap when a trial run here succeeds (checked once)."""
+    if cfg.isolation != "auto":
+        return cfg.isolation
+    return "bwrap" if _bwrap_works() else "rlimit"
+
+
+def run_python(program: str, stdin: str = "", *, cfg: CodeConfig) -> SandboxResult:
+    """Run program under cfg's limits; never raises for anything the program does."""
+    isolation = available_isolation(cfg)
+    uid = _UIDS.acquire() if os.geteuid() == 0 else None
+    started = time.monotonic()
+    try:
+        if isolation == "bwrap":
+            return _run_bwrap(program, stdin, cfg, uid, started)
+        return _run_rlimit(program, stdin, cfg, uid, started)
+    finally:
+        if uid is not None:
+            _UIDS.release(uid)
+
+
+def _run_bwrap(program: str, stdin: str, cfg: CodeConfig, uid: int | None, started: float) -> SandboxResult:
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return _not_started("bwrap", "bubblewrap (bwrap) is not installed")
+    with tempfile.TemporaryFile() as program_file:
+        program_file.write(program.encode())
+        program_file.flush()
+        program_file.seek(0)
+        argv = _bwrap_argv(bwrap, _base_python(), program_file.fileno(), privileged=uid is not None)
+        launch = {"uid": uid, "limits": _limits(cfg), "guard": False, "program": "main.py"}
+        popen = {"env": _environment(SANDBOX_WORK_DIR), "cwd": "/", "pass_fds": [program_file.fileno()]}
+        return _supervise(argv, launch, popen, stdin, cfg, "bwrap", started)
+
+
+def _run_rlimit(program: str, stdin: str, cfg: CodeConfig, uid: int | None, started: float) -> SandboxResult:
+    python = _fallback_python(uid is not None)
+    if python is None:
+        return _not_started("rlimit", f"no Python interpreter runs as uid {uid}")
+    work_dir = tempfile.mkdtemp(prefix="distill-sandbox-")
+    try:
+        if uid is not None:
+            os.chown(work_dir, uid, uid)
+        with open(os.path.join(work_dir, "main.py"), "w") as handle:
+            handle.write(program)
+        launch = {"uid": None, "limits": _limits(cfg), "guard": True, "program": "main.py", "work_dir": work_dir}
+        launch["readable"] = ["/usr", "/lib", "/lib64", "/bin", "/etc", "/dev"]
+        popen = {"env": _environment(work_dir), "cwd": work_dir, "user": uid, "group": uid, "pass_fds": []}
+        popen |= {"extra_groups": [] if uid is not None else None, "preexec_fn": _die_with_parent}
+        return _supervise([python], launch, popen, stdin, cfg, "rlimit", started)
+    finally:
+        if uid is not None:  # kill(-1) as that uid reaches the processes that left the program's process group
+            sweep = "import os\ntry: os.kill(-1, 9)\nexcept ProcessLookupError: pass"
+            subprocess.run([python, "-I", "-S", "-c", sweep], user=uid, group=uid, extra_groups=[], check=False)
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _feed(pipe, data: bytes) -> None:
+    """Runs in a thread: a program may read its input slowly or never, which must not stall the output loop."""
+    with contextlib.suppress(OSError):  # the program closed its stdin or died
+        pipe.write(data)
+    with contextlib.suppress(OSError):
+        pipe.close()
+
+
+def _supervise(argv, launch, popen, stdin, cfg, isolation, started) -> SandboxResult:
+    """Feed stdin and collect capped output until the program ends, overruns the deadline or writes too much."""
+    marker_read, marker_write = os.pipe()
+    launch["marker_fd"] = marker_write
+    popen["pass_fds"] = [*popen["pass_fds"], marker_write]
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    try:
+        argv = [*argv, "-I", "-c", _LAUNCHER, json.dumps(launch)]
+        proc = subprocess.Popen(argv, **pipes, **popen, start_new_session=True)
+    except OSError as exc:
+        os.close(marker_read)
+        return _not_started(isolation, f"cannot start: {exc}")
+    finally:
+        os.close(marker_write)
+    outputs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray(), marker_read: bytearray()}
+    selector = selectors.DefaultSelector()
+    for fd in outputs:
+        selector.register(fd, selectors.EVENT_READ)
+    threading.Thread(target=_feed, args=(proc.stdin, stdin.encode()), daemon=True).start()
+    try:  # readable when the process ends; without it (old kernel, seccomp, not Linux) the loop polls
+        pidfd = os.pidfd_open(proc.pid) if _LINUX else None
+    except OSError:
+        pidfd = None
+    if pidfd is not None:
+        selector.register(pidfd, selectors.EVENT_READ)
+    deadline, exited_at, exceeded, open_outputs = started + cfg.timeout_s, None, False, set(outputs)
+    try:
+        while not exceeded:
+            now = time.monotonic()
+            if exited_at is None and proc.poll() is not None:
+                exited_at = now
+                _kill_group(proc.pid)
+            if exited_at is not None and (not open_outputs or now >= exited_at + _DRAIN_GRACE_S):
+                break
+            wait = min(deadline, exited_at + _DRAIN_GRACE_S if exited_at else deadline) - now
+            if wait <= 0:
+                break
+            for key, _ in selector.select(wait if pidfd is not None else min(wait, 0.02)):
+                if key.fd == pidfd:
+                    selector.unregister(pidfd)
+                elif chunk := os.read(key.fd, 65536):
+                    outputs[key.fd] += chunk
+                    if key.fd != marker_read and len(outputs[key.fd]) > cfg.max_output_bytes:
+                        exceeded = True
+                else:
+                    selector.unregister(key.fd)
+                    open_outputs.discard(key.fd)
+    finally:
+        timed_out = exited_at is None and not exceeded and proc.poll() is None
+        _kill_group(proc.pid)
+        proc.wait()
+        selector.close()
+        proc.stdout.close()
+        proc.stderr.close()
+        for fd in (marker_read, pidfd):
+            if fd is not None:
+                os.close(fd)
+    stdout, stderr = (bytes(outputs[fd][: cfg.max_output_bytes]).decode(errors="replace") for fd in list(outputs)[:2])
+    setup_error = None if outputs[marker_read] == _MARKER else f"sandbox did not start the program: {stderr[-2000:]}"
+    exit_code = None if timed_out or exceeded else proc.returncode
+    wall_s = time.monotonic() - started
+    return SandboxResult(exit_code, stdout, stderr, timed_out, exceeded, isolation, wall_s, setup_error)

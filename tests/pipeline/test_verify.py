@@ -1,0 +1,141 @@
+"""The verify stage: simple verifiers on real reasoning-gym entries, file mode, and run folders re-verified only
+when their settings change."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import reasoning_gym
+
+from pipeline.parts import PartWriter
+from pipeline.records import VERIFIED_SCHEMA
+from pipeline.verifiers.base import VerifyItem
+from pipeline.verifiers.simple import GymVerifier, McqVerifier, TextVerifier
+from pipeline.verify import verify_hash, verify_run
+from pipeline.verify_config import VerifyConfig
+from tests.conftest import ROOT
+
+
+def _gym_reference(task: str, index: int = 0) -> tuple[str, dict]:
+    entry = reasoning_gym.create_dataset(task, size=index + 1, seed=11)[index]
+    return json.dumps({"task": task, "answer": entry["answer"], "entry": entry}, default=str), entry
+
+
+@pytest.mark.parametrize("task", ["basic_arithmetic", "chain_sum", "leg_counting"])
+def test_gym_verifier_uses_the_tasks_own_scorer(task):
+    reference, entry = _gym_reference(task)
+    right = f"Let me work it out step by step.\nAnswer: {entry['answer']}"
+    wrong = f"Answer: {entry['answer']}1"
+    verdicts = GymVerifier().verify_batch([VerifyItem(t, t, reference) for t in (right, wrong, "no idea")])
+    assert [(v.status, v.reason) for v in verdicts] == [
+        ("passed", "correct"),
+        ("failed", "wrong_answer"),
+        ("failed", "no_answer"),
+    ]
+
+
+def test_gym_verifier_reports_a_broken_reference_as_infra_error():
+    (verdict,) = GymVerifier().verify_batch([VerifyItem("Answer: 3", "Answer: 3", "not json")])
+    assert verdict.status == "infra_error" and verdict.reason == "bad_reference"
+
+
+def test_mcq_and_text_verifiers():
+    mcq = McqVerifier().verify_batch(
+        [
+            VerifyItem("x", "The options... Answer: (B)", "B"),
+            VerifyItem("x", "Answer: C. Because", json.dumps({"answer": "B"})),
+            VerifyItem("x", "I think it is B", "B"),
+        ]
+    )
+    assert [v.status for v in mcq] == ["passed", "failed", "failed"]
+    assert mcq[2].reason == "no_answer"
+    text = TextVerifier().verify_batch(
+        [
+            VerifyItem("x", "Answer: The Eiffel Tower.", "eiffel tower"),
+            VerifyItem("x", "Answer: Big Ben", "eiffel tower"),
+        ]
+    )
+    assert [v.status for v in text] == ["passed", "failed"]
+
+
+def _raw_row(pid: str, domain: str, reference: str, completion: str, sample_index: int = 0) -> dict:
+    return {
+        "problem_id": pid,
+        "sample_index": sample_index,
+        "domain": domain,
+        "prompt": "What is 6 times 7?",
+        "reference": reference,
+        "completion": f"<think>\nI multiply six by seven.\n</think>\n\n{completion}",
+        "reasoning": "I multiply six by seven.",
+        "answer": completion,
+        "finish_reason": "stop",
+        "completion_tokens": 20,
+    }
+
+
+def test_verify_run_writes_verified_parts_and_redoes_them_only_when_settings_change(tmp_path):
+    with PartWriter(tmp_path / "raw", max_rows=2, max_seconds=60) as writer:
+        writer.add([_raw_row("m1", "math", "42", "6 times 7 is \\boxed{42}.")])
+        writer.add([_raw_row("m2", "math", "42", "6 times 7 is \\boxed{41}.")])
+        writer.add([_raw_row("t1", "text", "paris", "Answer: Paris")])
+    cfg = VerifyConfig()
+    stats = verify_run(tmp_path, cfg, quiet=True)
+    assert (stats["rows"], stats["passed"], stats["failed"], stats["parts_verified"]) == (3, 2, 1, 2)
+    table = pq.read_table(tmp_path / "verified")
+    assert table.schema.equals(VERIFIED_SCHEMA.remove_metadata(), check_metadata=False)
+    rows = {r["problem_id"]: r for r in table.to_pylist()}
+    assert rows["m1"]["passed"] and not rows["m2"]["passed"] and rows["m2"]["reason"] == "wrong_answer"
+    assert all(r["verify_hash"] == verify_hash(cfg) for r in rows.values())
+    assert json.loads((tmp_path / "stats.json").read_text())["verify"]["rows"] == 3
+
+    assert verify_run(tmp_path, cfg, quiet=True)["parts_verified"] == 0  # nothing changed: nothing redone
+    stricter = VerifyConfig(filters={"min_completion_tokens": 50})
+    stats = verify_run(tmp_path, stricter, quiet=True)
+    assert stats["parts_verified"] == 2 and stats["failed_filters"] == {"length_bounds": 3}
+
+
+def test_file_mode_carries_columns_through_and_rejects_bad_rows_with_line_numbers(tmp_path):
+    code_ref = {"tests": "def check(f):\n    assert f(2) == 4\n", "entry_point": "double"}
+    lines = [
+        json.dumps({"id": "a", "domain": "math", "reference": "1/2", "completion": "So \\boxed{0.5}"}),
+        json.dumps(
+            {
+                "id": "b",
+                "domain": "code",
+                "reference": code_ref,
+                "completion": "```python\ndef double(x):\n    return 2 * x\n```",
+            }
+        ),
+        "{not json",
+        json.dumps({"id": "d", "domain": "math", "completion": "\\boxed{1}"}),
+        json.dumps({"id": "e", "domain": "poetry", "reference": "x", "completion": "y"}),
+        json.dumps(
+            {"id": "f", "domain": "gym", "reference": _gym_reference("chain_sum")[0], "completion": "Answer: -1"}
+        ),
+    ]
+    source = tmp_path / "gens.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out" / "gens.parquet"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "verify", "--input", str(source), "--output", str(out), "--quiet"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["id"]: r for r in pq.read_table(out).to_pylist()}
+    assert set(rows) == {"a", "b", "f"}
+    assert rows["a"]["passed"] and rows["a"]["verifier"] == "math"
+    assert rows["b"]["passed"] and rows["b"]["verifier"] == "code"
+    assert rows["f"]["verifier"] == "gym" and rows["f"]["status"] in {"passed", "failed"}
+    rejects = [json.loads(line) for line in out.with_suffix(".rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reason"].split(" ")[0]) for r in rejects] == [
+        (3, "invalid"),
+        (4, "missing"),
+        (5, "unknown"),
+    ]
