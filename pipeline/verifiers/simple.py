@@ -11,22 +11,16 @@ import string
 from typing import Any
 
 from pipeline.verifiers.base import FAILED, INFRA_ERROR, PASSED, Verdict, Verifier, VerifyItem, load_reference
+from pipeline.verifiers.math import extract_answer
 
-# "Answer: X", "**Final answer:** X", "answer\uff1a X" (full-width colon in CJK text)
-_ANSWER_LINE = re.compile(
-    r"(?:^|\b)\s*(?:\*\*)?(?:final\s+)?answer\s*(?:\*\*)?\s*[:\uff1a]\s*(?:\*\*)?\s*(.+?)\s*(?:\*\*)?\s*$", re.I | re.M
-)
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
 
 
 def final_answer(text: str) -> str | None:
-    """The last "Answer: X" line (what our templates ask for), else <answer>X</answer>, else \\boxed{X}."""
-    for pattern in (_ANSWER_LINE, _ANSWER_TAG, _BOXED):
-        found = pattern.findall(text)
-        if found:
-            return found[-1].strip()
-    return None
+    """reasoning-gym's own <answer>X</answer>, else the math verifier's extraction (last \\boxed{}, else a final
+    "Answer: X" / "The answer is X" line), so every domain reads answers the same way."""
+    tagged = _ANSWER_TAG.findall(text)
+    return tagged[-1].strip() if tagged else extract_answer(text)
 
 
 def _extract(item: VerifyItem) -> str | None:

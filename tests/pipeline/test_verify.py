@@ -46,7 +46,7 @@ def test_gym_verifier_reports_a_broken_reference_as_infra_error():
 def test_mcq_and_text_verifiers():
     mcq = McqVerifier().verify_batch(
         [
-            VerifyItem("x", "The options... Answer: (B)", "B"),
+            VerifyItem("x", "A is too small and C too large.\nAnswer: (B)", "B"),
             VerifyItem("x", "Answer: C. Because", json.dumps({"answer": "B"})),
             VerifyItem("x", "I think it is B", "B"),
         ]
