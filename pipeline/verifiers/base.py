@@ -53,6 +53,16 @@ class Verifier(ABC):
         self.close()
 
 
+class ItemVerifier(Verifier):
+    """A verifier cheap enough to judge one item at a time in the calling process."""
+
+    @abstractmethod
+    def verify_one(self, item: VerifyItem) -> Verdict: ...
+
+    def verify_batch(self, items: list[VerifyItem]) -> list[Verdict]:
+        return [self.verify_one(item) for item in items]
+
+
 def load_reference(reference: str) -> Any:
     """A reference is JSON text, or JSON text of a JSON string (some datasets double-encode); plain text stays text."""
     value: Any = reference

@@ -10,7 +10,7 @@ import re
 import string
 from typing import Any
 
-from pipeline.verifiers.base import FAILED, INFRA_ERROR, PASSED, Verdict, Verifier, VerifyItem, load_reference
+from pipeline.verifiers.base import FAILED, INFRA_ERROR, PASSED, ItemVerifier, Verdict, VerifyItem, load_reference
 from pipeline.verifiers.math import extract_answer
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
@@ -27,7 +27,7 @@ def _extract(item: VerifyItem) -> str | None:
     return final_answer(item.answer) or final_answer(item.completion)
 
 
-class GymVerifier(Verifier):
+class GymVerifier(ItemVerifier):
     name = "gym"
 
     def __init__(self) -> None:
@@ -40,10 +40,7 @@ class GymVerifier(Verifier):
             self._scorers[task] = reasoning_gym.get_score_answer_fn(task)
         return self._scorers[task]
 
-    def verify_batch(self, items: list[VerifyItem]) -> list[Verdict]:
-        return [self._verify(item) for item in items]
-
-    def _verify(self, item: VerifyItem) -> Verdict:
+    def verify_one(self, item: VerifyItem) -> Verdict:
         reference = load_reference(item.reference)
         if not isinstance(reference, dict) or "task" not in reference or "entry" not in reference:
             return Verdict(INFRA_ERROR, "bad_reference", {"reference": item.reference[:200]})
@@ -61,15 +58,12 @@ class GymVerifier(Verifier):
 _LETTER = re.compile(r"^\(?([A-Za-z])\)?[.):]?(?:\s|$)")
 
 
-class McqVerifier(Verifier):
+class McqVerifier(ItemVerifier):
     """The reference is the correct letter ("B") or {"answer": "B"}; the final answer must start with it."""
 
     name = "mcq"
 
-    def verify_batch(self, items: list[VerifyItem]) -> list[Verdict]:
-        return [self._verify(item) for item in items]
-
-    def _verify(self, item: VerifyItem) -> Verdict:
+    def verify_one(self, item: VerifyItem) -> Verdict:
         reference = load_reference(item.reference)
         gold = reference.get("answer") if isinstance(reference, dict) else reference
         if not isinstance(gold, str) or not re.fullmatch(r"\s*[A-Za-z]\s*", gold):
@@ -91,13 +85,10 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split())
 
 
-class TextVerifier(Verifier):
+class TextVerifier(ItemVerifier):
     name = "text"
 
-    def verify_batch(self, items: list[VerifyItem]) -> list[Verdict]:
-        return [self._verify(item) for item in items]
-
-    def _verify(self, item: VerifyItem) -> Verdict:
+    def verify_one(self, item: VerifyItem) -> Verdict:
         answer = _extract(item)
         if answer is None:
             lines = [line for line in item.answer.splitlines() if line.strip()]
