@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         if recipe.verify.inline and not args.no_verify:
             from pipeline.verify import verify_run
 
-            verify_run(recipe.run_dir, recipe.verify, quiet=args.quiet)
+            stats["infra_errors"] += verify_run(recipe.run_dir, recipe.verify, quiet=args.quiet)["infra_error"]
     except (RecipeError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if stats["infra_errors"]:
         print(
-            f"distill: {stats['infra_errors']} problems failed on infrastructure errors (see stats.json); "
+            f"distill: {stats['infra_errors']} problems or verdicts failed on infrastructure errors (see stats.json); "
             "re-run the same command to retry them",
             file=sys.stderr,
         )
