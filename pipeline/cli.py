@@ -58,6 +58,34 @@ def make_parser() -> argparse.ArgumentParser:
     ver.add_argument("--output", type=Path, help="file mode: Parquet file to write (rejects beside it)")
     ver.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
+    bld = sub.add_parser(
+        "build",
+        help="turn verified parts into a sharded Parquet dataset with a card and a manifest",
+        description=(
+            "Select, weight, deduplicate, decontaminate and mix a run's verified completions into RUN/dataset/"
+            " (Hugging Face layout: data/train-*.parquet, README.md card with plots, manifest.json with sha256)."
+            " Dropped rows and their reasons go to RUN/build_exclusions.parquet."
+        ),
+        epilog="example: distill build runs/demo build.pass_rate_band=[0.2,0.8] build.max_per_problem=2",
+    )
+    bld.add_argument("target", type=Path, help="a run folder (uses its recipe.yaml) or a recipe YAML")
+    bld.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help="e.g. build.shard_mb=128 build.seed=1")
+    bld.add_argument("--quiet", "-q", action="store_true", help="no summary")
+
+    sts = sub.add_parser("stats", help="print a built dataset's card tables", description="Print a dataset's tables.")
+    sts.add_argument("dataset", type=Path, help="a dataset folder (RUN/dataset)")
+    sts.add_argument("--check", action="store_true", help="verify every shard against manifest.json; exit 1 if not")
+
+    pub = sub.add_parser(
+        "publish",
+        help="push a built dataset to the Hugging Face Hub",
+        description="Upload a dataset folder with huggingface_hub (token from HF_TOKEN or the login cache).",
+    )
+    pub.add_argument("dataset", type=Path, help="a dataset folder (RUN/dataset)")
+    pub.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
+    pub.add_argument("--public", action="store_true", help="create the repository public (default: private)")
+    pub.add_argument("--dry-run", action="store_true", help="print exactly what would be uploaded, upload nothing")
+
     models = sub.add_parser("models", help="prepare and list teacher models", description="Model cache tools.")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     prepare = models_sub.add_parser(
@@ -78,11 +106,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.config import RecipeError, load_recipe
 
-    if args.quiet:
+    if args.command == "generate" and args.quiet:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         if args.command == "verify":
             return _verify(args)
+        if args.command in ("build", "stats", "publish"):
+            return _dataset_command(args)
         recipe = load_recipe(args.recipe, args.overrides)
         from pipeline.generate import generate
 
@@ -104,6 +134,43 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 3
+    return 0
+
+
+def _dataset_command(args) -> int:
+    if args.command == "stats":
+        from pipeline.card import print_stats
+        from pipeline.shards import check_dataset
+
+        print_stats(args.dataset)
+        if args.check:
+            problems = check_dataset(args.dataset)
+            for problem in problems:
+                print(f"distill stats --check: {problem}", file=sys.stderr)
+            print("all shards match manifest.json" if not problems else f"{len(problems)} problem(s) found")
+            return 1 if problems else 0
+        return 0
+    if args.command == "publish":
+        from pipeline.publish import publish
+
+        publish(args.dataset, args.repo_id, private=not args.public, dry_run=args.dry_run)
+        return 0
+    import yaml
+
+    from pipeline.build import build
+    from pipeline.config import load_recipe
+
+    run_folder = args.target.is_dir()
+    recipe = load_recipe(args.target / "recipe.yaml" if run_folder else args.target, args.overrides)
+    run_dir = args.target if run_folder else recipe.run_dir
+    recipe_yaml = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    stats = build(run_dir, recipe.build, Path(recipe.base_dir), recipe_yaml, quiet=args.quiet)
+    if not args.quiet:
+        from pipeline.card import print_stats
+
+        print_stats(run_dir / "dataset")
+    if not stats["kept"]:
+        print(f"distill: warning: no row was kept (see {run_dir / 'build_exclusions.parquet'})", file=sys.stderr)
     return 0
 
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from pipeline.build_config import BuildConfig
 from pipeline.config_base import Strict
 from pipeline.verify_config import VerifyConfig
 
@@ -123,6 +124,7 @@ class Recipe(Strict):
     teacher: TeacherConfig = TeacherConfig()
     output: OutputConfig = OutputConfig()
     verify: VerifyConfig = VerifyConfig()
+    build: BuildConfig = BuildConfig()
     base_dir: str = Field(".", description="folder that relative source paths resolve against (set on load)")
 
     @property

@@ -80,3 +80,33 @@ VERDICT_FIELDS = [
     pa.field("verify_hash", pa.string()),  # fingerprint of the verify settings that produced the verdict
 ]
 VERIFIED_SCHEMA = pa.schema([*RAW_SCHEMA, *VERDICT_FIELDS])
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+
+# The training set (DESIGN.md, "Dataset contract"): one row per kept completion.
+DATASET_SCHEMA = pa.schema(
+    [
+        ("problem_id", pa.string()),
+        ("source", pa.string()),
+        ("domain", pa.string()),
+        ("prompt", pa.string()),
+        ("messages", pa.list_(MESSAGE)),  # the prompt turns, then "<think>\n...\n</think>\n\nanswer"
+        ("reasoning", pa.string()),
+        ("answer", pa.string()),
+        ("reference", pa.string()),
+        ("verifier", pa.string()),
+        ("passed", pa.bool_()),
+        ("failed_filters", pa.list_(pa.string())),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("mean_token_entropy", pa.float64()),
+        ("pass_rate", pa.float64()),
+        ("answer_agreement", pa.float64()),
+        ("weight", pa.float64()),  # normalized to mean 1 over the dataset
+        ("teacher", pa.string()),
+        ("sampling", pa.string()),  # JSON
+        ("sample_index", pa.int32()),
+        ("config_hash", pa.string()),
+    ]
+)
