@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from collections import Counter
@@ -23,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from rich.progress import track
 
 from pipeline.build_config import BuildConfig
 from pipeline.card import render_card
@@ -176,7 +178,8 @@ def build(run_dir: Path, cfg: BuildConfig, base_dir: Path, recipe_yaml: str = ""
     parts = closed_parts(run_dir / "verified")
     if not parts:
         raise RuntimeError(f"no verified parts in {run_dir / 'verified'}: run `distill verify {run_dir}` first")
-    out = run_dir / "dataset"
+    # Built beside the previous dataset and swapped in at the end: a failed build leaves the old one intact.
+    final, out = run_dir / "dataset", run_dir / "dataset.partial"
     work = out / ".build"
     shutil.rmtree(out, ignore_errors=True)
     work.mkdir(parents=True)
@@ -187,7 +190,7 @@ def build(run_dir: Path, cfg: BuildConfig, base_dir: Path, recipe_yaml: str = ""
     teachers: set[str] = set()
     judged: dict[str, dict[str, list[int]]] = {"source": {}, "domain": {}}
     exclusions = pq.ParquetWriter(work / "exclusions.parquet", _EXCLUSION_SCHEMA)
-    for i, part in enumerate(parts):
+    for i, part in enumerate(track(parts, description="build", disable=quiet)):
         rows = pq.read_table(part).to_pylist()
         rows_in += len(rows)
         teachers.update(r["teacher"] for r in rows)
@@ -246,5 +249,7 @@ def build(run_dir: Path, cfg: BuildConfig, base_dir: Path, recipe_yaml: str = ""
     render_card(out, stats, recipe_yaml)
     write_manifest(out, entries, stats["recipe_hash"], extra={"seed": cfg.seed})  # last: its presence means done
     shutil.rmtree(work)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(out, final)
     update_stats(run_dir, "build", {k: v for k, v in stats.items() if k != "histograms"})
     return stats
