@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -149,12 +150,31 @@ class Decontaminator:
         return self._names[min(found)] if found else None
 
 
+def _hf_texts(path: Path, field: str) -> Iterator[tuple[str, str]]:
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # no hub at run time
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    saved = (path / "dataset_dict.json").exists() or (path / "state.json").exists()
+    loaded = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(str(path))
+    for split in loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]:
+        if field not in split.column_names:
+            raise ValueError(f"{path}: no column {field!r} (columns: {split.column_names})")
+        for text in split[field]:
+            if text is not None:
+                yield path.name, str(text)
+
+
 def load_eval_texts(path: Path, field: str = "prompt") -> Iterator[tuple[str, str]]:
-    """Yield (eval set name, text) from a JSONL or Parquet eval file; the name is the file stem.
+    """Yield (eval set name, text) from a JSONL or Parquet eval file (the name is the file stem), or from a Hugging
+    Face dataset in a local folder (every split; the name is the folder's).
 
     Streams the file so a large eval set never sits in memory as rows.
     """
     path = Path(path)
+    if path.is_dir():
+        yield from _hf_texts(path, field)
+        return
     if not path.is_file():
         raise FileNotFoundError(f"eval set file not found: {path}")
     name = path.stem

@@ -210,3 +210,14 @@ def test_decisions_are_deterministic():
     assert any(exact for exact, _, _ in first)
     assert any(near for _, near, _ in first)
     assert any(contaminated for _, _, contaminated in first)
+
+
+def test_a_local_hugging_face_dataset_is_an_eval_set(tmp_path):
+    import datasets
+
+    problem = "A farmer has 17 sheep and buys 5 more at the market on Tuesday. How many sheep does the farmer have?"
+    splits = {"test": datasets.Dataset.from_dict({"question": [problem]})}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "gsm_local"))
+    decontaminator = Decontaminator(load_eval_texts(tmp_path / "gsm_local", field="question"))
+    assert decontaminator.check("Quick one. " + problem.upper()) == "gsm_local"
+    assert decontaminator.check("What is the capital of the country north of Spain and south of Belgium?") is None
