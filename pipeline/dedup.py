@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -151,12 +150,11 @@ class Decontaminator:
 
 
 def _hf_texts(path: Path, field: str) -> Iterator[tuple[str, str]]:
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # no hub at run time
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
 
-    saved = (path / "dataset_dict.json").exists() or (path / "state.json").exists()
-    loaded = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(str(path))
+    from pipeline.sources import load_local_dataset
+
+    loaded = load_local_dataset(path)
     for split in loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]:
         if field not in split.column_names:
             raise ValueError(f"{path}: no column {field!r} (columns: {split.column_names})")

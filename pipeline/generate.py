@@ -160,7 +160,7 @@ def generate(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None
             "problems_total": len(problems),
             "problems_resumed": len(problems) - len(todo),
             "problems_answered": counts["answered"],
-            "problems_complete": len(read_ledger(run_dir / "raw")),
+            "problems_complete": len(done) + counts["answered"],  # answered problems were not in the ledger
             "completions": counts["completions"],
             "completion_tokens": counts["completion_tokens"],
             "tokens_per_s": counts["completion_tokens"] / generation_s,

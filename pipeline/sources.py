@@ -124,20 +124,26 @@ def _file_items(source: FileSource, name: str, path: Path) -> Iterator[Row]:
         raise ValueError(f"source {source.path!r}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
 
 
-def _hf_items(source: HFSource, name: str, path: Path) -> Iterator[Row]:
+def load_local_dataset(path: Path):
+    """A Hugging Face dataset from a local folder: `save_to_disk` output, or a folder of data files (a DatasetDict)."""
     # Set before the import: `datasets` reads these once, and a run must never wait on the hub.
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
     import datasets
 
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            if source.split not in ds:
-                raise ValueError(f"source {source.path!r}: no split {source.split!r}; splits: {', '.join(ds)}")
-            ds = ds[source.split]
-    else:
-        ds = datasets.load_dataset(str(path), split=source.split)
+        return datasets.load_from_disk(str(path))
+    return datasets.load_dataset(str(path))
+
+
+def _hf_items(source: HFSource, name: str, path: Path) -> Iterator[Row]:
+    import datasets
+
+    ds = load_local_dataset(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if source.split not in ds:
+            raise ValueError(f"source {source.path!r}: no split {source.split!r}; splits: {', '.join(ds)}")
+        ds = ds[source.split]
     for n, row in enumerate(ds, 1):
         yield n, _raw(row), _map_row(source, name, row)
 
