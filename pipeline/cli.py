@@ -86,6 +86,30 @@ def make_parser() -> argparse.ArgumentParser:
     pub.add_argument("--public", action="store_true", help="create the repository public (default: private)")
     pub.add_argument("--dry-run", action="store_true", help="print exactly what would be uploaded, upload nothing")
 
+    sub.add_parser(
+        "sft",
+        add_help=False,
+        help="fine-tune a student on a built dataset with TRL (weighted loss, LoRA, logit distillation)",
+        description="`distill sft --help` lists every field (TRL's SFTConfig and ModelConfig, and ours).",
+    )
+    student = sub.add_parser("student", help="make student models", description="Student initialization.")
+    student_sub = student.add_subparsers(dest="student_command", required=True, metavar="ACTION")
+    init = student_sub.add_parser(
+        "init",
+        help="keep K decoder layers of a teacher as the student's starting point",
+        description="Prune a teacher (Llama/Qwen2 family) to K decoder layers and save a loadable model folder.",
+        epilog="example: distill student init --from smollm2-135m-instruct --layers 8 --output runs/students/smol-8",
+    )
+    init.add_argument("--from", dest="teacher", required=True, help="teacher model folder or the embedded alias")
+    init.add_argument("--layers", type=int, required=True, help="decoder layers to keep")
+    init.add_argument("--output", type=Path, required=True, help="folder to write (must not exist)")
+    init.add_argument(
+        "--strategy",
+        choices=["even", "first"],
+        default="even",
+        help="evenly spaced layers (first and last kept) or the first K",
+    )
+
     models = sub.add_parser("models", help="prepare and list teacher models", description="Model cache tools.")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     prepare = models_sub.add_parser(
@@ -96,8 +120,16 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGTERM, _raise_interrupt)  # finally blocks run: parts flushed, servers stopped
+    if argv[:1] == ["sft"]:  # TRL's parser owns the sft command line (--config, --output_dir, any SFTConfig field)
+        return _sft(argv[1:])
+    args = make_parser().parse_args(argv)
+    if args.command == "student":
+        from sft.prune import prune_layers
+
+        print(prune_layers(args.teacher, args.layers, args.output, strategy=args.strategy))
+        return 0
     if args.command == "models":
         from pipeline.models import prepare_embedded
 
@@ -135,6 +167,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 3
     return 0
+
+
+def _sft(argv: list[str]) -> int:
+    from sft.lint import LintError
+    from sft.train import main as sft_main
+
+    try:
+        return sft_main(argv)
+    except (LintError, ValueError, FileNotFoundError) as e:
+        print(f"distill sft: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distill sft: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
 
 
 def _dataset_command(args) -> int:

@@ -1,0 +1,155 @@
+"""Does logit distillation beat plain SFT for a pruned student? Both train the same pruned SmolLM2 (8 of 30 layers)
+on the same teacher completions for the same steps; the held-out loss on unseen teacher completions decides.
+
+    .venv/bin/python benchmarks/kd_vs_sft.py                 # 160 problems, 40 steps each: about 6 minutes on 2 cores
+    .venv/bin/python benchmarks/kd_vs_sft.py --steps 80 --problems 320
+
+Teacher completions come from the embedded SmolLM2-135M-Instruct itself (sampled with DeepSeek-R1's temperature 0.6
+and top_p 0.95), go through the real `distill build` (25% of problems held out as the test split), and both students
+are trained by the real `distill sft`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.build import build  # noqa: E402
+from pipeline.build_config import BuildConfig  # noqa: E402
+from pipeline.models import EMBEDDED_ALIAS, resolve_model  # noqa: E402
+from pipeline.parts import PartWriter  # noqa: E402
+from pipeline.records import VERIFIED_SCHEMA  # noqa: E402
+from sft.heldout import completion_loss  # noqa: E402
+
+
+def _questions(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    kinds = [
+        "What is {a} + {b}?",
+        "What is {a} times {b}?",
+        "A shop sells {a} apples in the morning and {b} in the afternoon. How many apples does it sell?",
+        "Tom has {a} marbles and gives {b} away. How many are left?",
+    ]
+    return [kinds[i % len(kinds)].format(a=int(rng.integers(2, 90)), b=int(rng.integers(2, 40))) for i in range(n)]
+
+
+@torch.no_grad()
+def teacher_completions(questions: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+    path = resolve_model(EMBEDDED_ALIAS).path
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    texts = []
+    for start in range(0, len(questions), batch_size):
+        chats = [[{"role": "user", "content": q}] for q in questions[start : start + batch_size]]
+        enc = tokenizer.apply_chat_template(
+            chats, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True
+        )
+        out = model.generate(
+            **enc, do_sample=True, temperature=0.6, top_p=0.95, max_new_tokens=max_new_tokens, pad_token_id=2
+        )
+        texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return texts
+
+
+def _verified_row(i: int, question: str, completion: str) -> dict:
+    """A completion as `distill verify` leaves it; marked passed: this compares fitting the teacher, not truth."""
+    return {
+        "problem_id": f"q{i}",
+        "sample_index": 0,
+        "source": "kd-benchmark",
+        "domain": "text",
+        "prompt": question,
+        "reference": "",
+        "metadata": "{}",
+        "messages": json.dumps([{"role": "user", "content": question}]),
+        "completion": completion,
+        "reasoning": "teacher completion",
+        "answer": completion.strip(),
+        "finish_reason": "stop",
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "mean_token_entropy": 0.5,
+        "entropy_top_k": 5,
+        "teacher": EMBEDDED_ALIAS,
+        "sampling": "{}",
+        "config_hash": "kd",
+        "verifier": "text",
+        "status": "passed",
+        "passed": True,
+        "reason": "teacher_completion",
+        "verdict_detail": "{}",
+        "failed_filters": [],
+    }
+
+
+def make_dataset(run_dir: Path, problems: int, max_new_tokens: int) -> Path:
+    questions = _questions(problems)
+    texts = teacher_completions(questions, max_new_tokens)
+    with PartWriter(run_dir / "verified", max_rows=64, max_seconds=3600, schema=VERIFIED_SCHEMA) as writer:
+        for i, (q, t) in enumerate(zip(questions, texts, strict=True)):
+            writer.add([_verified_row(i, q, t)])
+    build(run_dir, BuildConfig(near_dup_threshold=None, exact_dedup=False, test_fraction=0.25), base_dir=run_dir)
+    return run_dir / "dataset"
+
+
+def _distill(*args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"distill {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+
+
+def run(workdir: Path, problems: int = 160, steps: int = 40, layers: int = 8, max_new_tokens: int = 96) -> dict:
+    started = time.monotonic()
+    shutil.rmtree(workdir, ignore_errors=True)
+    dataset = make_dataset(workdir / "run", problems, max_new_tokens)
+    student = workdir / f"student-{layers}"
+    _distill("student", "init", "--from", EMBEDDED_ALIAS, "--layers", str(layers), "--output", str(student))
+    common = ["sft", "--config", "recipes/sft/demo-cpu.yaml", "--dataset", str(dataset)]
+    common += ["--model_name_or_path", str(student), "--use_peft", "false", "--merge_lora", "false"]
+    common += ["--weighted_loss", "false", "--learning_rate", "1e-4", "--max_steps", str(steps)]
+    common += ["--per_device_train_batch_size", "8", "--save_strategy", "no", "--seed", "0"]
+    results = {
+        "problems": problems,
+        "steps": steps,
+        "layers": layers,
+        "before": completion_loss(str(student), str(dataset)),
+    }
+    for name, extra in (("sft", []), ("kd", ["--teacher_model_name_or_path", EMBEDDED_ALIAS])):
+        _distill(*common, "--output_dir", str(workdir / name), *extra)
+        results[name] = completion_loss(str(workdir / name), str(dataset))
+    results["teacher"] = completion_loss(EMBEDDED_ALIAS, str(dataset))
+    results["seconds"] = round(time.monotonic() - started, 1)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", type=int, default=160)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-kd")
+    args = parser.parse_args()
+    r = run(args.workdir, args.problems, args.steps, args.layers)
+    print(json.dumps(r, indent=2))
+    print(
+        f"held-out loss per completion token on teacher completions: pruned student untrained {r['before']:.3f}, "
+        f"SFT {r['sft']:.3f}, KD {r['kd']:.3f} (teacher itself {r['teacher']:.3f}); "
+        f"KD/SFT = {r['kd'] / r['sft']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""`distill sft`: fine-tune a student on a `distill build` dataset with TRL, optionally distilling a teacher's logits.
+
+    distill sft --config recipes/sft/demo-cpu.yaml
+    distill sft --config recipes/sft/demo-cpu.yaml --output_dir runs/demo/student-2 --max_steps 20
+    accelerate launch --config_file recipes/accelerate/zero3.yaml -m pipeline.cli \
+        sft --config recipes/sft/qwen2.5-math-7b.yaml
+
+The recipe is flat YAML over `trl.SFTConfig`, `trl.ModelConfig` and `sft.config.DistillArguments`; `--field value`
+overrides any of them. A run resumes from the last checkpoint in `output_dir`. Beside the model, `output_dir` keeps
+TRL's `trainer_state.json`, `sft_lint.json` (the checks run before training), `sft_exclusions.jsonl` (every row not
+trained on, with its reason) and `distill_sft.json` (what was trained on what).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.trainer_utils import get_last_checkpoint
+from trl import ModelConfig, SFTConfig, TrlParser, get_peft_config, get_quantization_config
+
+from pipeline.models import resolve_model
+from sft.config import DistillArguments
+from sft.data import load_split, tokenize_split, write_exclusions
+from sft.lint import end_of_turn_token, lint_collated, lint_rows, write_report
+from sft.trainer import DistillSFTTrainer
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((DistillArguments, SFTConfig, ModelConfig))
+
+
+def _check_settings(distill: DistillArguments, cfg: SFTConfig, model_args: ModelConfig) -> None:
+    """Refuse combinations that would train wrongly, and pick batching by what the attention kernel allows."""
+    flash = (model_args.attn_implementation or "").startswith(("flash_attention", "kernels-community"))
+    if (cfg.padding_free or cfg.packing) and not flash:
+        raise ValueError(
+            f"padding_free/packing need a varlen attention kernel (attn_implementation=flash_attention_2), not "
+            f"{model_args.attn_implementation or 'the default'}: without one, packed samples attend to each other"
+        )
+    if cfg.packing and (distill.weighted_loss or distill.teacher_model_name_or_path):
+        raise ValueError("weighted_loss and distillation need whole samples per row: use padding_free, not packing")
+    if not (cfg.padding_free or cfg.packing) and cfg.train_sampling_strategy == "random":
+        cfg.train_sampling_strategy = "group_by_length"  # padded batches of similar lengths waste least compute
+    if cfg.bf16 and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        print("distill sft: no bf16-capable GPU here; training in float32", file=sys.stderr)
+        cfg.bf16 = False
+
+
+def _load_model(name: str, model_args: ModelConfig):
+    quantization = get_quantization_config(model_args)  # QLoRA (load_in_4bit) needs bitsandbytes and a GPU
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model(name).path,
+        revision=model_args.model_revision,
+        dtype=model_args.dtype,
+        attn_implementation=model_args.attn_implementation,
+        quantization_config=quantization,
+        device_map={"": torch.cuda.current_device()} if quantization else None,
+    )
+
+
+def _load_teacher(distill: DistillArguments, tokenizer, model_args: ModelConfig):
+    path = resolve_model(distill.teacher_model_name_or_path).path
+    if AutoTokenizer.from_pretrained(path).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"teacher {path} and the student do not share a tokenizer: logit distillation needs one")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=model_args.dtype)
+
+
+def train(distill: DistillArguments, cfg: SFTConfig, model_args: ModelConfig) -> Path:
+    _check_settings(distill, cfg, model_args)
+    output = Path(cfg.output_dir)
+    student_path = resolve_model(model_args.model_name_or_path).path
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
+
+    split = tokenize_split(
+        load_split(distill.dataset, "train", distill.max_samples),
+        tokenizer,
+        cfg.max_length,
+        distill.weighted_loss,
+        cfg.dataset_num_proc,
+    )
+    write_exclusions(split.excluded, output / "sft_exclusions.jsonl")
+    report = lint_rows(split, distill.overlong, cfg.max_length)
+    cfg.max_length = None  # every kept row fits: TRL must not truncate anything
+
+    trainer = DistillSFTTrainer(
+        model=_load_model(model_args.model_name_or_path, model_args),
+        args=cfg,
+        train_dataset=split.rows,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        distill=distill,
+        teacher=_load_teacher(distill, tokenizer, model_args) if distill.teacher_model_name_or_path else None,
+    )
+    eot_id, eot_token = end_of_turn_token(tokenizer)
+    report["end_of_turn_token"] = eot_token
+    report["collated_rows_checked"] = lint_collated(trainer, eot_id, eot_token)
+    write_report(report, output / "sft_lint.json")
+    print(f"distill sft: lint passed: {json.dumps(report)}", file=sys.stderr)
+
+    resume = cfg.resume_from_checkpoint or (get_last_checkpoint(str(output)) if output.is_dir() else None)
+    if resume:
+        print(f"distill sft: resuming from {resume}", file=sys.stderr)
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(output))
+    trainer.save_state()  # trainer_state.json (loss curve, steps) beside the model, as TRL scripts leave it
+    if model_args.use_peft and distill.merge_lora:
+        _merge_lora(trainer, tokenizer, output)
+    summary = {
+        "student": model_args.model_name_or_path,
+        "teacher": distill.teacher_model_name_or_path,
+        "dataset": distill.dataset,
+        "rows_trained": len(split.rows),
+        "rows_excluded": len(split.excluded),
+        "train_loss": result.training_loss,
+        "global_step": trainer.state.global_step,
+    }
+    (output / "distill_sft.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return output
+
+
+def _merge_lora(trainer, tokenizer, output: Path) -> None:
+    """Adapter to output/adapter; the merged full model, loadable by vLLM and transformers, to output."""
+    adapter = output / "adapter"
+    adapter.mkdir(exist_ok=True)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.move(output / name, adapter / name)
+    trainer.model.merge_and_unload().save_pretrained(output)
+    tokenizer.save_pretrained(output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    distill, cfg, model_args = make_parser().parse_args_and_config(argv)
+    train(distill, cfg, model_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""What the student trains on: the loss mask, the per-sample weights through TRL's preparation and collator, and the
+lint that stops a run before it silently learns the wrong thing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from sft.config import DistillArguments
+from sft.data import load_split, tokenize_split
+from sft.lint import LintError, end_of_turn_token, lint_collated, lint_rows
+from tests.sft.conftest import conversation_rows, make_trainer
+
+QUESTION = "What is 17 + 25? Put the final answer in \\boxed{}."
+ANSWER = "<think>\nI add 17 and 25: 17 + 25 = 42.\n</think>\n\nThe answer is \\boxed{42}."
+PAIRS = [(QUESTION, ANSWER), ("What is 2 + 2?", "<think>\n2 + 2 = 4.\n</think>\n\n\\boxed{4}")]
+
+
+def test_loss_mask_covers_exactly_the_assistant_turn(tiny_qwen, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
+    split = tokenize_split(conversation_rows(PAIRS), tokenizer, max_length=None, weighted=False)
+    trainer = make_trainer(tiny_qwen, split.rows, tmp_path)
+    for row, (question, answer) in zip(trainer.train_dataset.sort("problem_id"), PAIRS, strict=True):
+        labels = trainer.data_collator([row])["labels"][0]
+        ids = torch.tensor(row["input_ids"])
+        trained = tokenizer.decode(ids[labels != -100])
+        context = tokenizer.decode(ids[labels == -100])
+        # The whole assistant turn, think block included, and the template's end of turn; nothing else.
+        assert trained == answer + "<|im_end|>\n"
+        prompt_text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+        assert context == prompt_text
+        assert (labels != -100).nonzero().min() > (labels == -100).nonzero().max()  # one contiguous tail
+
+
+def test_weights_reach_the_loss_as_a_per_sample_mean_then_a_weighted_mean(tiny_qwen, tmp_path):
+    weights = [3.0, 1.0]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
+    split = tokenize_split(conversation_rows(PAIRS, weights), tokenizer, max_length=None, weighted=True)
+    for row, w in zip(split.rows, weights, strict=True):
+        assert sum(row["token_weight"]) == pytest.approx(w)  # w / n on each of the n loss tokens
+    trainer = make_trainer(tiny_qwen, split.rows, tmp_path, DistillArguments(weighted_loss=True))
+    rows = list(trainer.train_dataset.sort("problem_id"))
+    batch = trainer.data_collator(rows)
+    assert batch["token_weight"].shape == batch["labels"].shape  # padded like the labels
+    model = trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch)).item()
+        per_sample = []
+        for row in rows:  # each sample alone: mean next-token CE over its loss tokens
+            ids = torch.tensor([row["input_ids"]])
+            labels = torch.tensor([row["labels"]])
+            logits = model(input_ids=ids).logits[0, :-1]
+            target = labels[0, 1:]
+            per_sample.append(torch.nn.functional.cross_entropy(logits[target != -100], target[target != -100]).item())
+    expected = (weights[0] * per_sample[0] + weights[1] * per_sample[1]) / sum(weights)
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert abs(per_sample[0] - per_sample[1]) > 1e-3  # otherwise any weighting would pass
+
+
+def test_dataset_folder_from_distill_build_loads_with_both_splits(arithmetic_dataset):
+    train, test = load_split(str(arithmetic_dataset), "train"), load_split(str(arithmetic_dataset), "test")
+    stats = json.loads((arithmetic_dataset / "stats.json").read_text())
+    assert (len(train), len(test)) == (stats["splits"]["train"], stats["splits"]["test"])
+    with pytest.raises(FileNotFoundError, match="validation"):
+        load_split(str(arithmetic_dataset), "validation")
+
+
+def test_overlong_rows_fail_or_are_dropped_with_their_reason_never_truncated(tiny_qwen):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
+    long_answer = "<think>\n" + "I keep adding numbers. " * 40 + "\n</think>\n\n\\boxed{1}"
+    rows = conversation_rows([*PAIRS, ("Long one?", long_answer)])
+    split = tokenize_split(rows, tokenizer, max_length=120, weighted=False)
+    with pytest.raises(LintError, match=r"1 row\(s\) are longer than max_length=120.*problem p2"):
+        lint_rows(split, "fail", 120)
+    report = lint_rows(split, "drop", 120)
+    assert report["excluded"] == {"overlong": 1} and report["rows_trained"] == 2
+    assert [e["problem_id"] for e in split.excluded] == ["p2"]
+    assert all(length <= 120 for length in split.rows["length"])
+
+
+def test_a_template_that_strips_the_think_block_stops_training(tiny_qwen):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
+    # DeepSeek-R1-Distill's template keeps only what follows </think> in assistant turns.
+    tokenizer.chat_template = tokenizer.chat_template.replace(
+        "message['content']",
+        "(message['content'].split('</think>')[-1].lstrip() if message['role'] == 'assistant' "
+        "else message['content'])",
+    )
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": ANSWER}], tokenize=False
+    )
+    assert "<think>" not in rendered, "the test template should strip the think block"
+    split = tokenize_split(conversation_rows(PAIRS), tokenizer, max_length=None, weighted=False)
+    with pytest.raises(LintError, match="removes the <think> block"):
+        lint_rows(split, "drop", None)
+
+
+def test_a_template_that_drops_the_answer_stops_training(tiny_qwen):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}"
+        "<|im_start|>user\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    split = tokenize_split(conversation_rows(PAIRS), tokenizer, max_length=None, weighted=False)
+    with pytest.raises(LintError, match="template"):
+        lint_rows(split, "drop", None)
+
+
+def test_rows_without_an_assistant_turn_are_excluded_with_their_reason(tiny_qwen):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
+    rows = conversation_rows(PAIRS).to_list()
+    rows[1]["messages"] = rows[1]["messages"][:1]
+    split = tokenize_split(type(conversation_rows(PAIRS)).from_list(rows), tokenizer, max_length=None, weighted=False)
+    assert lint_rows(split, "drop", None)["excluded"] == {"no_assistant_turn": 1}
+    assert split.excluded[0]["problem_id"] == "p1"
+
+
+def test_end_of_turn_token_masked_by_a_pad_equals_eos_collator_is_caught(tiny_qwen, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
+    eot_id, eot_token = end_of_turn_token(tokenizer)
+    assert eot_token == "<|im_end|>" and tokenizer.pad_token_id == eot_id  # SmolLM2: pad == eos, the trap
+    split = tokenize_split(conversation_rows(PAIRS), tokenizer, max_length=None, weighted=False)
+    trainer = make_trainer(tiny_qwen, split.rows, tmp_path)
+    assert lint_collated(trainer, eot_id, eot_token) == 2  # TRL's collator keeps it: labels are masked by position
+
+    real = trainer.data_collator
+
+    def masks_pad_ids(examples):  # the classic collator bug, injected: labels[input_ids == pad] = -100
+        batch = real(examples)
+        batch["labels"][batch["input_ids"] == tokenizer.pad_token_id] = -100
+        return batch
+
+    trainer.data_collator = masks_pad_ids
+    with pytest.raises(LintError, match=r"<\|im_end\|>.*never learn to stop"):
+        lint_collated(trainer, eot_id, eot_token)
