@@ -75,6 +75,10 @@ def train(distill: DistillArguments, cfg: SFTConfig, model_args: ModelConfig) ->
     output = Path(cfg.output_dir)
     student_path = resolve_model(model_args.model_name_or_path).path
     tokenizer = AutoTokenizer.from_pretrained(student_path)
+    if cfg.chat_template_path:  # applied before we tokenize, so that the lint checks the template really used
+        if not cfg.chat_template_path.endswith(".jinja"):
+            raise ValueError(f"chat_template_path must be a .jinja file, got {cfg.chat_template_path}")
+        tokenizer.chat_template = Path(cfg.chat_template_path).read_text()
 
     split = tokenize_split(
         load_split(distill.dataset, "train", distill.max_samples),

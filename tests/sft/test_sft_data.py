@@ -12,6 +12,8 @@ from transformers import AutoTokenizer
 from sft.config import DistillArguments
 from sft.data import load_split, tokenize_split
 from sft.lint import LintError, end_of_turn_token, lint_collated, lint_rows
+from sft.train import make_parser
+from tests.conftest import ROOT
 from tests.sft.conftest import conversation_rows, make_trainer
 
 QUESTION = "What is 17 + 25? Put the final answer in \\boxed{}."
@@ -139,3 +141,23 @@ def test_end_of_turn_token_masked_by_a_pad_equals_eos_collator_is_caught(tiny_qw
     trainer.data_collator = masks_pad_ids
     with pytest.raises(LintError, match=r"<\|im_end\|>.*never learn to stop"):
         lint_collated(trainer, eot_id, eot_token)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes" / "sft").glob("*.yaml")))
+def test_every_sft_recipe_parses_with_trls_parser(recipe):
+    distill, cfg, model = make_parser().parse_args_and_config(
+        ["--config", str(ROOT / "recipes" / "sft" / recipe), "--bf16", "false"]
+    )
+    assert model.model_name_or_path and distill.dataset and cfg.output_dir
+    if cfg.chat_template_path:
+        assert (ROOT / cfg.chat_template_path).exists()
+
+
+def test_the_shipped_llama3_template_keeps_the_think_block(tiny_qwen):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
+    tokenizer.chat_template = (ROOT / "prompts" / "chat_templates" / "llama3.jinja").read_text()
+    split = tokenize_split(conversation_rows(PAIRS), tokenizer, max_length=None, weighted=False)
+    assert lint_rows(split, "fail", None)["rows_trained"] == 2
+    row = split.rows[0]
+    trained = [t for t, m in zip(row["input_ids"], row["completion_mask"], strict=True) if m]
+    assert tokenizer.decode(trained) == ANSWER + "<|eot_id|>"
