@@ -4,9 +4,11 @@ on the same teacher completions for the same steps; the held-out loss on unseen 
     .venv/bin/python benchmarks/kd_vs_sft.py                 # 160 problems, 40 steps each: about 6 minutes on 2 cores
     .venv/bin/python benchmarks/kd_vs_sft.py --steps 80 --problems 320
 
-Teacher completions come from the embedded SmolLM2-135M-Instruct itself (sampled with DeepSeek-R1's temperature 0.6
-and top_p 0.95), go through the real `distill build` (25% of problems held out as the test split), and both students
-are trained by the real `distill sft`.
+Teacher completions come from the embedded SmolLM2-135M-Instruct itself, go through the real `distill build` (25% of
+problems held out as the test split), and both students are trained by the real `distill sft` with the same learning
+rate, batch and steps. They are sampled from the teacher's own distribution (temperature 1, no top_p): only then is
+the held-out loss E[-log q(y)] = H(teacher) + KL(teacher || student), the quantity distillation aims at.
+`--sample-temperature 0.6` measures on DeepSeek-R1-style sharpened samples instead.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ def _questions(n: int, seed: int = 0) -> list[str]:
 
 
 @torch.no_grad()
-def teacher_completions(questions: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+def teacher_completions(
+    questions: list[str], max_new_tokens: int, temperature: float, batch_size: int = 32
+) -> list[str]:
     path = resolve_model(EMBEDDED_ALIAS).path
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -58,7 +62,13 @@ def teacher_completions(questions: list[str], max_new_tokens: int, batch_size: i
             chats, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True
         )
         out = model.generate(
-            **enc, do_sample=True, temperature=0.6, top_p=0.95, max_new_tokens=max_new_tokens, pad_token_id=2
+            **enc,
+            do_sample=True,
+            temperature=temperature,
+            top_p=1.0 if temperature == 1 else 0.95,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
         )
         texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return texts
@@ -95,9 +105,9 @@ def _verified_row(i: int, question: str, completion: str) -> dict:
     }
 
 
-def make_dataset(run_dir: Path, problems: int, max_new_tokens: int) -> Path:
+def make_dataset(run_dir: Path, problems: int, max_new_tokens: int, temperature: float) -> Path:
     questions = _questions(problems)
-    texts = teacher_completions(questions, max_new_tokens)
+    texts = teacher_completions(questions, max_new_tokens, temperature)
     with PartWriter(run_dir / "verified", max_rows=64, max_seconds=3600, schema=VERIFIED_SCHEMA) as writer:
         for i, (q, t) in enumerate(zip(questions, texts, strict=True)):
             writer.add([_verified_row(i, q, t)])
@@ -111,20 +121,29 @@ def _distill(*args: str) -> None:
         raise RuntimeError(f"distill {' '.join(args)} failed:\n{done.stderr[-3000:]}")
 
 
-def run(workdir: Path, problems: int = 160, steps: int = 40, layers: int = 8, max_new_tokens: int = 96) -> dict:
+def run(
+    workdir: Path,
+    problems: int = 160,
+    steps: int = 40,
+    layers: int = 8,
+    max_new_tokens: int = 96,
+    sample_temperature: float = 1.0,
+    batch: int = 8,
+) -> dict:
     started = time.monotonic()
     shutil.rmtree(workdir, ignore_errors=True)
-    dataset = make_dataset(workdir / "run", problems, max_new_tokens)
+    dataset = make_dataset(workdir / "run", problems, max_new_tokens, sample_temperature)
     student = workdir / f"student-{layers}"
     _distill("student", "init", "--from", EMBEDDED_ALIAS, "--layers", str(layers), "--output", str(student))
     common = ["sft", "--config", "recipes/sft/demo-cpu.yaml", "--dataset", str(dataset)]
     common += ["--model_name_or_path", str(student), "--use_peft", "false", "--merge_lora", "false"]
-    common += ["--weighted_loss", "false", "--learning_rate", "1e-4", "--max_steps", str(steps)]
-    common += ["--per_device_train_batch_size", "8", "--save_strategy", "no", "--seed", "0"]
+    common += ["--weighted_loss", "false", "--learning_rate", "3e-4", "--max_steps", str(steps)]
+    common += ["--per_device_train_batch_size", str(batch), "--save_strategy", "no", "--seed", "0"]
     results = {
         "problems": problems,
         "steps": steps,
         "layers": layers,
+        "sample_temperature": sample_temperature,
         "before": completion_loss(str(student), str(dataset)),
     }
     for name, extra in (("sft", []), ("kd", ["--teacher_model_name_or_path", EMBEDDED_ALIAS])):
@@ -140,9 +159,10 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=160)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--sample-temperature", type=float, default=1.0)
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-kd")
     args = parser.parse_args()
-    r = run(args.workdir, args.problems, args.steps, args.layers)
+    r = run(args.workdir, args.problems, args.steps, args.layers, sample_temperature=args.sample_temperature)
     print(json.dumps(r, indent=2))
     print(
         f"held-out loss per completion token on teacher completions: pruned student untrained {r['before']:.3f}, "

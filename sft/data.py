@@ -15,7 +15,7 @@ import datasets
 
 # Columns a training row carries into the trainer. `token_weight` is w / n on the n loss tokens of a sample of weight
 # w, 0 elsewhere: summing it over any batch gives the batch's total sample weight (sft/losses.py).
-TRAIN_COLUMNS = ["problem_id", "input_ids", "completion_mask", "token_weight", "length", "n_loss_tokens"]
+TRAIN_COLUMNS = ["problem_id", "input_ids", "completion_mask", "token_weight", "length"]
 
 
 @dataclass
@@ -45,7 +45,7 @@ def load_split(dataset: str, split: str = "train", limit: int | None = None) -> 
 
 def _tokenize_row(row: dict, tokenizer, weighted: bool, max_length: int | None) -> dict:
     messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-    out = {"input_ids": [], "completion_mask": [], "token_weight": [], "length": 0, "n_loss_tokens": 0, "reason": ""}
+    out = {"input_ids": [], "completion_mask": [], "token_weight": [], "length": 0, "reason": ""}
     if len(messages) < 2 or messages[-1]["role"] != "assistant":
         out["reason"] = "no_assistant_turn"
         return out
@@ -57,13 +57,12 @@ def _tokenize_row(row: dict, tokenizer, weighted: bool, max_length: int | None) 
         out["reason"] = "template_prefix_mismatch"
         return out
     n = len(ids) - len(prompt_ids)
-    weight = float(row.get("weight") or 1.0) if weighted else 1.0
+    weight = 1.0 if not weighted or row.get("weight") is None else float(row["weight"])  # 0 is a real weight
     out.update(
         input_ids=ids,
         completion_mask=[0] * len(prompt_ids) + [1] * n,
         token_weight=[0.0] * len(prompt_ids) + [weight / n] * n if n else [0.0] * len(ids),
         length=len(ids),
-        n_loss_tokens=n,
     )
     answer = messages[-1]["content"]
     if n == 0:

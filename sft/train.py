@@ -31,7 +31,10 @@ from sft.trainer import DistillSFTTrainer
 
 
 def make_parser() -> TrlParser:
-    return TrlParser((DistillArguments, SFTConfig, ModelConfig))
+    parser = TrlParser((DistillArguments, SFTConfig, ModelConfig))
+    if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        parser.set_defaults(bf16=False)  # TRL defaults to bf16, which a machine without a GPU refuses
+    return parser
 
 
 def _check_settings(distill: DistillArguments, cfg: SFTConfig, model_args: ModelConfig) -> None:
@@ -46,9 +49,6 @@ def _check_settings(distill: DistillArguments, cfg: SFTConfig, model_args: Model
         raise ValueError("weighted_loss and distillation need whole samples per row: use padding_free, not packing")
     if not (cfg.padding_free or cfg.packing) and cfg.train_sampling_strategy == "random":
         cfg.train_sampling_strategy = "group_by_length"  # padded batches of similar lengths waste least compute
-    if cfg.bf16 and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
-        print("distill sft: no bf16-capable GPU here; training in float32", file=sys.stderr)
-        cfg.bf16 = False
 
 
 def _load_model(name: str, model_args: ModelConfig):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from pipeline.cli import main as distill_main
 from sft.config import DistillArguments
 from sft.data import load_split, tokenize_split
 from sft.lint import LintError, end_of_turn_token, lint_collated, lint_rows
@@ -161,3 +162,10 @@ def test_the_shipped_llama3_template_keeps_the_think_block(tiny_qwen):
     row = split.rows[0]
     trained = [t for t, m in zip(row["input_ids"], row["completion_mask"], strict=True) if m]
     assert tokenizer.decode(trained) == ANSWER + "<|eot_id|>"
+
+
+def test_an_unknown_recipe_field_is_an_error_that_names_it(tmp_path, capsys):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("model_name_or_path: smollm2-135m-instruct\nlearning_rat: 1.0e-4\n")
+    assert distill_main(["sft", "--config", str(recipe)]) == 2
+    assert "learning_rat" in capsys.readouterr().err
