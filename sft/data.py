@@ -7,7 +7,6 @@ down with its reason, and so that the per-token loss weights line up with the to
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,8 +100,3 @@ def tokenize_split(
     if "problem_id" not in mapped.column_names:
         mapped = mapped.add_column("problem_id", ids)
     return TokenizedSplit(rows=mapped.select(keep).select_columns(TRAIN_COLUMNS), excluded=excluded, total=len(rows))
-
-
-def write_exclusions(excluded: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(e) + "\n" for e in excluded))

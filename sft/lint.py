@@ -9,9 +9,7 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from pathlib import Path
 
 from sft.data import TokenizedSplit
 
@@ -81,11 +79,6 @@ def lint_collated(trainer, eot_id: int, eot_token: str, max_rows: int = 64) -> i
             "masked by the collator?)"
         )
     return len(rows)
-
-
-def write_report(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _first(split: TokenizedSplit, reason: str) -> str:

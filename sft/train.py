@@ -24,9 +24,10 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, SFTConfig, TrlParser, get_peft_config, get_quantization_config
 
 from pipeline.models import resolve_model
+from pipeline.parts import write_atomic_bytes
 from sft.config import DistillArguments
-from sft.data import load_split, tokenize_split, write_exclusions
-from sft.lint import end_of_turn_token, lint_collated, lint_rows, write_report
+from sft.data import load_split, tokenize_split
+from sft.lint import end_of_turn_token, lint_collated, lint_rows
 from sft.trainer import DistillSFTTrainer
 
 
@@ -51,10 +52,14 @@ def _check_settings(distill: DistillArguments, cfg: SFTConfig, model_args: Model
         cfg.train_sampling_strategy = "group_by_length"  # padded batches of similar lengths waste least compute
 
 
-def _load_model(name: str, model_args: ModelConfig):
+def _write_json(path: Path, obj) -> None:
+    write_atomic_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def _load_model(path: str, model_args: ModelConfig):
     quantization = get_quantization_config(model_args)  # QLoRA (load_in_4bit) needs bitsandbytes and a GPU
     return AutoModelForCausalLM.from_pretrained(
-        resolve_model(name).path,
+        path,
         revision=model_args.model_revision,
         dtype=model_args.dtype,
         attn_implementation=model_args.attn_implementation,
@@ -73,6 +78,7 @@ def _load_teacher(distill: DistillArguments, tokenizer, model_args: ModelConfig)
 def train(distill: DistillArguments, cfg: SFTConfig, model_args: ModelConfig) -> Path:
     _check_settings(distill, cfg, model_args)
     output = Path(cfg.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
     student_path = resolve_model(model_args.model_name_or_path).path
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     if cfg.chat_template_path:  # applied before we tokenize, so that the lint checks the template really used
@@ -87,12 +93,12 @@ def train(distill: DistillArguments, cfg: SFTConfig, model_args: ModelConfig) ->
         distill.weighted_loss,
         cfg.dataset_num_proc,
     )
-    write_exclusions(split.excluded, output / "sft_exclusions.jsonl")
+    write_atomic_bytes(output / "sft_exclusions.jsonl", "".join(json.dumps(e) + "\n" for e in split.excluded).encode())
     report = lint_rows(split, distill.overlong, cfg.max_length)
     cfg.max_length = None  # every kept row fits: TRL must not truncate anything
 
     trainer = DistillSFTTrainer(
-        model=_load_model(model_args.model_name_or_path, model_args),
+        model=_load_model(student_path, model_args),
         args=cfg,
         train_dataset=split.rows,
         processing_class=tokenizer,
@@ -103,10 +109,10 @@ def train(distill: DistillArguments, cfg: SFTConfig, model_args: ModelConfig) ->
     eot_id, eot_token = end_of_turn_token(tokenizer)
     report["end_of_turn_token"] = eot_token
     report["collated_rows_checked"] = lint_collated(trainer, eot_id, eot_token)
-    write_report(report, output / "sft_lint.json")
+    _write_json(output / "sft_lint.json", report)
     print(f"distill sft: lint passed: {json.dumps(report)}", file=sys.stderr)
 
-    resume = cfg.resume_from_checkpoint or (get_last_checkpoint(str(output)) if output.is_dir() else None)
+    resume = cfg.resume_from_checkpoint or get_last_checkpoint(str(output))
     if resume:
         print(f"distill sft: resuming from {resume}", file=sys.stderr)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -123,7 +129,7 @@ def train(distill: DistillArguments, cfg: SFTConfig, model_args: ModelConfig) ->
         "train_loss": result.training_loss,
         "global_step": trainer.state.global_step,
     }
-    (output / "distill_sft.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_json(output / "distill_sft.json", summary)
     return output
 
 

@@ -83,20 +83,24 @@ def embedded_path() -> str:
     return resolve_model(EMBEDDED_ALIAS).path
 
 
-def tiny_student(family: str, folder: Path, tokenizer_path: str) -> Path:
-    """A 2-layer student of the given family with the embedded model's tokenizer (head_dim 64: vLLM's CPU kernels)."""
+def tiny_student(family: str, folder: Path, tokenizer_path: str, **config) -> Path:
+    """A 2-layer student of the given family with the embedded model's tokenizer (head_dim 64: vLLM's CPU kernels);
+    `config` overrides or adds config fields (more layers, per-layer attention types)."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    shape = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
+    shape = (
+        dict(
+            vocab_size=len(tokenizer),
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=2048,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=True,
+        )
+        | config
     )
     config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[
         family

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM as LM
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from pipeline.models import EMBEDDED_ALIAS, resolve_model
+from pipeline.models import EMBEDDED_ALIAS
 from sft.prune import drop_layers, kept_layers, prune_layers
+from tests.sft.conftest import tiny_student
 
 QWEN_TYPES = ["full_attention"] * 3 + ["sliding_attention"] * 3  # max_window_layers=3 of 6
 
@@ -23,34 +24,19 @@ def expected_even(total: int, keep: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def teacher_path() -> str:
-    return resolve_model(EMBEDDED_ALIAS).path
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen(tmp_path_factory, teacher_path) -> Path:
+def six_layer_qwen(tmp_path_factory, embedded_path) -> Path:
     """6 layers, 2 heads of head_dim 64, the SmolLM2 tokenizer, full attention below layer 3 and sliding above."""
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
+    return tiny_student(
+        "qwen2",
+        tmp_path_factory.mktemp("tiny-qwen2"),
+        embedded_path,
         num_hidden_layers=6,
-        num_attention_heads=2,
-        num_key_value_heads=1,
         use_sliding_window=True,
         sliding_window=16,
         max_window_layers=3,
         layer_types=QWEN_TYPES,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
     )
-    folder = tmp_path_factory.mktemp("tiny-qwen2")
-    Qwen2ForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -88,22 +74,22 @@ def test_30_to_8_even_layers_spelled_out_and_first_strategy():
 
 
 @pytest.mark.parametrize(("keep", "strategy", "message"), [(0, "even", r"choose 1\.\.6"), (7, "first", r"1\.\.6")])
-def test_a_layer_count_outside_1_to_L_is_refused_before_writing(tiny_qwen, tmp_path, keep, strategy, message):
+def test_a_layer_count_outside_1_to_L_is_refused_before_writing(six_layer_qwen, tmp_path, keep, strategy, message):
     with pytest.raises(ValueError, match=message):
-        prune_layers(tiny_qwen, keep, tmp_path / "out", strategy=strategy)
+        prune_layers(six_layer_qwen, keep, tmp_path / "out", strategy=strategy)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_unknown_strategy_is_refused(tiny_qwen, tmp_path):
+def test_an_unknown_strategy_is_refused(six_layer_qwen, tmp_path):
     with pytest.raises(ValueError, match="unknown pruning strategy 'last'"):
-        prune_layers(tiny_qwen, 2, tmp_path / "out", strategy="last")
+        prune_layers(six_layer_qwen, 2, tmp_path / "out", strategy="last")
 
 
-def test_an_existing_non_empty_output_folder_is_refused_and_left_alone(tiny_qwen, tmp_path):
+def test_an_existing_non_empty_output_folder_is_refused_and_left_alone(six_layer_qwen, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):
-        prune_layers(tiny_qwen, 2, tmp_path / "taken")
+        prune_layers(six_layer_qwen, 2, tmp_path / "taken")
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
 
 
@@ -114,7 +100,7 @@ def test_a_model_without_model_layers_is_refused_by_type(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 
 
-def test_pruned_smollm_reloads_with_the_teachers_weights_at_the_kept_layers(pruned_smollm, teacher_path):
+def test_pruned_smollm_reloads_with_the_teachers_weights_at_the_kept_layers(pruned_smollm, embedded_path):
     keep = expected_even(30, 8)
     info = json.loads((pruned_smollm / "distill_student.json").read_text())
     assert info["teacher"] == EMBEDDED_ALIAS and info["teacher_layers"] == 30
@@ -123,7 +109,7 @@ def test_pruned_smollm_reloads_with_the_teachers_weights_at_the_kept_layers(prun
     assert not pruned_smollm.with_name("smol-8.tmp").exists()
 
     student = LM.from_pretrained(pruned_smollm, dtype=torch.float32)
-    teacher = LM.from_pretrained(teacher_path, dtype=torch.float32)
+    teacher = LM.from_pretrained(embedded_path, dtype=torch.float32)
     assert student.config.num_hidden_layers == 8 == len(student.model.layers)
     s, t = student.state_dict(), teacher.state_dict()
     assert len(s) == len(t) - 22 * len([k for k in t if k.startswith("model.layers.0.")])
@@ -135,7 +121,7 @@ def test_pruned_smollm_reloads_with_the_teachers_weights_at_the_kept_layers(prun
                 new,
                 old,
             )
-    template = AutoTokenizer.from_pretrained(teacher_path).chat_template
+    template = AutoTokenizer.from_pretrained(embedded_path).chat_template
     assert template and AutoTokenizer.from_pretrained(pruned_smollm).chat_template == template
 
 
@@ -146,9 +132,9 @@ def test_pruned_smollm_generates_with_the_kv_cache_as_without_it(pruned_smollm):
     assert len(cached) == 5 and cached == uncached
 
 
-def test_qwen2_keeps_the_per_layer_types_of_the_kept_layers(tiny_qwen, tmp_path):
+def test_qwen2_keeps_the_per_layer_types_of_the_kept_layers(six_layer_qwen, tmp_path):
     (tmp_path / "q3").mkdir()  # an empty folder is fine: nothing of the user's is replaced
-    out = prune_layers(tiny_qwen, 3, tmp_path / "q3")
+    out = prune_layers(six_layer_qwen, 3, tmp_path / "q3")
     keep = expected_even(6, 3)
     assert keep == [0, 2, 5]
     student = LM.from_pretrained(out, dtype=torch.float32).eval()
@@ -158,15 +144,15 @@ def test_qwen2_keeps_the_per_layer_types_of_the_kept_layers(tiny_qwen, tmp_path)
     )
     assert student.config.max_window_layers == 2  # still "the first layers that use full attention"
     assert [layer.self_attn.layer_idx for layer in student.model.layers] == [0, 1, 2]
-    teacher = LM.from_pretrained(tiny_qwen, dtype=torch.float32)
+    teacher = LM.from_pretrained(six_layer_qwen, dtype=torch.float32)
     assert torch.equal(student.model.layers[2].mlp.up_proj.weight, teacher.model.layers[5].mlp.up_proj.weight)
     cached, uncached = cached_and_uncached_greedy(student, AutoTokenizer.from_pretrained(out), "Hello there")
     assert cached == uncached
 
 
-def test_dropped_layers_are_renumbered_in_memory_so_generate_uses_a_consistent_cache(tiny_qwen):
-    model = drop_layers(LM.from_pretrained(tiny_qwen, dtype=torch.float32).eval(), [1, 3, 4])
+def test_dropped_layers_are_renumbered_in_memory_so_generate_uses_a_consistent_cache(six_layer_qwen):
+    model = drop_layers(LM.from_pretrained(six_layer_qwen, dtype=torch.float32).eval(), [1, 3, 4])
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]
     assert model.config.layer_types == [QWEN_TYPES[i] for i in (1, 3, 4)] and model.config.max_window_layers == 1
-    cached, uncached = cached_and_uncached_greedy(model, AutoTokenizer.from_pretrained(tiny_qwen), "Hello there")
+    cached, uncached = cached_and_uncached_greedy(model, AutoTokenizer.from_pretrained(six_layer_qwen), "Hello there")
     assert cached == uncached
