@@ -72,14 +72,14 @@ def _ordered(splits: dict) -> list[tuple[str, int]]:
     return sorted(splits.items(), key=lambda kv: (_SPLIT_ORDER.get(kv[0], 9), kv[0]))
 
 
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     def line(cells):
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
     return "\n".join([line(header), line(["---"] * len(header)), *(line(r) for r in rows)])
 
 
-def _save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     """Temp name then rename, like every other artefact, so a reader never embeds half a PNG."""
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
@@ -105,7 +105,7 @@ def render_plots(dataset_dir: Path, stats: dict) -> list[tuple[str, str]]:
         ax = fig.add_subplot()
         ax.stairs(counts, edges, fill=True, alpha=0.8)
         ax.set(title=title, xlabel=xlabel, ylabel="rows")
-        _save_figure(fig, out_dir / f"{key}.png")
+        save_figure(fig, out_dir / f"{key}.png")
         written.append((title, f"{PLOTS_DIR}/{key}.png"))
     rates = stats.get("pass_rate_by_source", {})
     if rates:
@@ -114,7 +114,7 @@ def render_plots(dataset_dir: Path, stats: dict) -> list[tuple[str, str]]:
         ax = fig.add_subplot()
         ax.barh(names, [rates[n] for n in names])
         ax.set(title="Pass rate by source", xlabel="pass rate", xlim=(0, 1))
-        _save_figure(fig, out_dir / "pass_rate_by_source.png")
+        save_figure(fig, out_dir / "pass_rate_by_source.png")
         written.append(("Pass rate by source", f"{PLOTS_DIR}/pass_rate_by_source.png"))
     kept = {path for _, path in written}
     for stale in out_dir.glob("*.png"):  # a rebuild without that data must not publish the old plot
@@ -154,7 +154,7 @@ def render_card(dataset_dir: Path, stats: dict, recipe_yaml: str) -> Path:
         f"{stats.get('kept', 0)} of {stats.get('rows_in', 0)} rows. Recipe hash `{stats.get('recipe_hash', '')}`.",
     ]
     for title, header, rows in card_tables(stats):
-        parts.append(f"## {title}\n\n" + (_markdown_table(header, rows) if rows else "_none_"))
+        parts.append(f"## {title}\n\n" + (markdown_table(header, rows) if rows else "_none_"))
     if plots:
         parts.append("## Plots\n\n" + "\n\n".join(f"![{alt}]({path})" for alt, path in plots))
     parts.append(

@@ -92,6 +92,69 @@ def make_parser() -> argparse.ArgumentParser:
         help="fine-tune a student on a built dataset with TRL (weighted loss, LoRA, logit distillation)",
         description="`distill sft --help` lists every field (TRL's SFTConfig and ModelConfig, and ours).",
     )
+    ev = sub.add_parser(
+        "eval",
+        help="score models side by side on benchmarks (DeepSeek-R1 protocol) into report.md/report.json/plots",
+        description=(
+            "Each model answers every benchmark with k samples per problem (temperature 0.6, top_p 0.95); the"
+            " project's verifiers score them. The report gives pass@1 ± standard error, cons@k, accuracy retention,"
+            " tokens/s, latency, memory, parameters and size, relative to the first model (the teacher)."
+        ),
+        epilog=(
+            "example: distill eval --model teacher=smollm2-135m-instruct --model runs/demo/student"
+            " --benchmarks gym:chain_sum humaneval --limit 20 --samples 4 --output runs/eval-demo"
+        ),
+    )
+    ev.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        required=True,
+        metavar="[LABEL=]MODEL",
+        help="a model folder or the embedded alias; repeat for each model, the teacher first",
+    )
+    ev.add_argument(
+        "--benchmarks",
+        nargs="+",
+        required=True,
+        metavar="NAME",
+        help="humaneval | gym:TASK (reasoning-gym, eval seed) | FILE.jsonl/.parquet | a dataset folder (test split)",
+    )
+    ev.add_argument("--limit", type=int, help="problems per benchmark (the first N)")
+    ev.add_argument("--samples", type=int, help="k completions per problem (default 4)")
+    ev.add_argument("--seed", type=int, help="engine seed (default 0): same model and seed, same samples")
+    ev.add_argument("--max-tokens", dest="max_tokens", type=int, help="new tokens per completion (default 2048)")
+    ev.add_argument("--output", help="report folder (default runs/eval)")
+    ev.add_argument(
+        "--exclude-prompts-from",
+        dest="exclude_prompts_from",
+        action="append",
+        metavar="DATASET",
+        help="drop benchmark problems whose prompt is in this dataset's train split (repeatable)",
+    )
+    ev.add_argument("--backend", choices=["vllm", "openai", "vllm-server"], help="how completions are produced")
+    ev.add_argument("--endpoint", dest="endpoints", action="append", help="openai backend: base URL (repeatable)")
+    ev.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+    run = sub.add_parser(
+        "run",
+        help="run generate -> verify -> build -> student init -> sft -> eval from one recipe, resuming",
+        description=(
+            "Run every stage a recipe names, in order. A stage whose output is complete and whose inputs (its part"
+            " of the recipe and the stages before it) are unchanged is skipped, so a run that stopped resumes"
+            " where it stopped; an interrupted SFT resumes from its last checkpoint. The stage log is"
+            " RUNS_DIR/NAME/run.log."
+        ),
+        epilog="example: distill run --config recipes/demo-run.yaml",
+    )
+    run.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        help="run recipe (YAML): a generate recipe plus student, sft and eval sections",
+    )
+    run.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help="e.g. sampling.n=2 eval.limit=10")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     student = sub.add_parser("student", help="make student models", description="Student initialization.")
     student_sub = student.add_subparsers(dest="student_command", required=True, metavar="ACTION")
     init = student_sub.add_parser(
@@ -138,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.config import RecipeError, load_recipe
 
+    if args.command in ("eval", "run"):
+        return _eval_or_run(args)
     if args.command == "generate" and args.quiet:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
@@ -181,6 +246,37 @@ def _sft(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("distill sft: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
+
+
+def _eval_or_run(args) -> int:
+    from pipeline.config import RecipeError
+
+    try:
+        if args.command == "run":
+            from pipeline.run import load_run_recipe, run
+
+            return run(load_run_recipe(args.config, args.overrides), quiet=args.quiet)
+        from eval.config import EvalConfig
+        from eval.evaluate import evaluate
+        from pipeline.config import validate
+
+        fields = {k: v for k, v in vars(args).items() if k in EvalConfig.model_fields and v is not None}
+        if args.backend or args.endpoints:
+            backend = args.backend or "openai"
+            fields["engine"] = {"backend": backend, "endpoints": args.endpoints or [], "reproducible": True}
+        report = evaluate(validate(EvalConfig, fields, "eval settings"), quiet=args.quiet)
+    except (RecipeError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"distill {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"distill {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    print(f"report: {Path(report['output']) / 'report.md'}")
+    if report["needs_retry"]:
+        failed = {m: report["incomplete"][m] for m in report["needs_retry"]}
+        print(f"distill eval: infrastructure errors {failed}; re-run the same command to retry", file=sys.stderr)
+        return 3
+    return 0
 
 
 def _dataset_command(args) -> int:

@@ -38,6 +38,9 @@ class GymSource(Strict):
     tasks: list[str] = Field(description="reasoning-gym dataset names, e.g. basic_arithmetic")
     size: int = Field(10, ge=1, description="problems per task")
     seed: int = Field(0, description="generator seed; evaluation sets use seeds disjoint from training")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="task settings passed to reasoning_gym.create_dataset, e.g. max_terms: 2"
+    )
     name: str = "reasoning_gym"
 
 
@@ -94,6 +97,11 @@ class TeacherConfig(Strict):
     max_model_len: int = Field(4096, ge=128, description="vllm: context length")
     max_num_seqs: int = Field(64, ge=1, description="vllm: sequences batched at once")
     enforce_eager: bool = Field(True, description="vllm: skip graph capture (start-up 60 s instead of 200 s on CPU)")
+    reproducible: bool = Field(
+        False,
+        description="vllm: run the engine's scheduler in this process, so that the same seed and requests give the "
+        "same samples (in its own process it batches by arrival timing); eval turns it on",
+    )
     port: int = Field(0, ge=0, description="vllm-server: port on localhost; 0 picks a free one")
     server_args: list[str] = Field(default_factory=list, description="vllm-server: extra api_server arguments")
     startup_timeout_s: float = Field(600, gt=0, description="vllm-server: wait this long for /health")

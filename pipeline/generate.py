@@ -86,6 +86,7 @@ def _rows(problem: Problem, messages, result: TeacherResult, provenance: dict) -
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": c.completion_tokens,
                 "mean_token_entropy": c.mean_token_entropy,
+                "latency_s": result.latency_s,
                 "created_at": now,
                 **provenance,
             }

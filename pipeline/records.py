@@ -57,6 +57,7 @@ RAW_SCHEMA = pa.schema(
         ("completion_tokens", pa.int32()),
         ("mean_token_entropy", pa.float64()),  # mean entropy (nats) of the renormalized top-k distribution
         ("entropy_top_k", pa.int32()),  # K of that distribution, so h = H / log K can be computed later
+        ("latency_s", pa.float64()),  # seconds from submitting the request to its last token (all n samples)
         ("teacher", pa.string()),
         ("teacher_revision", pa.string()),
         ("engine", pa.string()),

@@ -161,7 +161,8 @@ def _gym_items(source: GymSource) -> Iterator[Item]:
             f"Valid names include {', '.join(sorted(DATASETS)[:8])}, ..."
         )
     for task in source.tasks:
-        for i, entry in enumerate(reasoning_gym.create_dataset(task, size=source.size, seed=source.seed)):
+        entries = reasoning_gym.create_dataset(task, size=source.size, seed=source.seed, **source.config)
+        for i, entry in enumerate(entries):
             # The whole entry travels in the reference: the task's score_answer needs it to grade.
             reference = json.dumps({"task": task, "answer": entry["answer"], "entry": entry}, default=str)
             yield (

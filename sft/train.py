@@ -112,7 +112,7 @@ def train(distill: DistillArguments, cfg: SFTConfig, model_args: ModelConfig) ->
     _write_json(output / "sft_lint.json", report)
     print(f"distill sft: lint passed: {json.dumps(report)}", file=sys.stderr)
 
-    resume = cfg.resume_from_checkpoint or get_last_checkpoint(str(output))
+    resume = cfg.resume_from_checkpoint or last_complete_checkpoint(output)
     if resume:
         print(f"distill sft: resuming from {resume}", file=sys.stderr)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -131,6 +131,20 @@ def train(distill: DistillArguments, cfg: SFTConfig, model_args: ModelConfig) ->
     }
     _write_json(output / "distill_sft.json", summary)
     return output
+
+
+def last_complete_checkpoint(output: Path) -> str | None:
+    """The newest checkpoint that was saved to the end; newer ones cut short by a kill are removed.
+
+    transformers writes trainer_state.json last, and resuming from a checkpoint without it fails, so an
+    interruption during a save would otherwise make every later resume crash.
+    """
+    while (last := get_last_checkpoint(str(output))) is not None:
+        if (Path(last) / "trainer_state.json").exists():
+            return last
+        print(f"distill sft: removing {last}: its save was interrupted (no trainer_state.json)", file=sys.stderr)
+        shutil.rmtree(last)
+    return None
 
 
 def _merge_lora(trainer, tokenizer, output: Path) -> None:

@@ -24,6 +24,7 @@ class TeacherResult:
     key: str
     completions: list[Completion] = field(default_factory=list)
     prompt_tokens: int | None = None
+    latency_s: float | None = None  # from submitting the request to its last token, queueing included
     # Set when no completion could be had. "rejected_too_long" is final; "infra_error" is retried on the next run.
     error_kind: str | None = None
     error: str | None = None

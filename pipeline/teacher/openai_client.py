@@ -158,6 +158,7 @@ class OpenAITeacher(Teacher):
             endpoint = await self._pick(endpoints)
             endpoint.in_flight += 1
             retry_after = None
+            sent = time.monotonic()
             try:
                 response = await endpoint.client.chat.completions.create(
                     model=self._served_model,
@@ -172,7 +173,7 @@ class OpenAITeacher(Teacher):
                     extra_headers={"X-Request-Id": f"{request.key}-{attempt}"},
                 )
                 endpoint.failures = 0
-                return _result(request.key, response, sampling)
+                return _result(request.key, response, sampling, time.monotonic() - sent)
             except openai.APITimeoutError as e:
                 kind, last_error = "timeout", str(e)
             except openai.APIConnectionError as e:
@@ -207,7 +208,7 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def _result(key: str, response, sampling: SamplingConfig) -> TeacherResult:
+def _result(key: str, response, sampling: SamplingConfig, latency_s: float) -> TeacherResult:
     completions = []
     for sample_index, choice in enumerate(sorted(response.choices, key=lambda c: c.index)):
         tokens = choice.logprobs.content if choice.logprobs and choice.logprobs.content else None
@@ -225,7 +226,7 @@ def _result(key: str, response, sampling: SamplingConfig) -> TeacherResult:
                 reasoning_field=extra.get("reasoning_content") or extra.get("reasoning"),
             )
         )
-    return TeacherResult(key, completions, response.usage.prompt_tokens if response.usage else None)
+    return TeacherResult(key, completions, response.usage.prompt_tokens if response.usage else None, latency_s)
 
 
 def _untracked_tokens(response, sampling: SamplingConfig) -> int | None:

@@ -7,8 +7,10 @@ bounded window of requests queued so the batch stays full while finished complet
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
+import time
 from collections.abc import Iterable, Iterator
 
 from pipeline.completion import Completion, mean_topk_entropy
@@ -34,6 +36,9 @@ def sampling_params(sampling: SamplingConfig):
 def load_llm(model: ResolvedModel, cfg: TeacherConfig, seed: int | None = None):
     """Start the engine with the settings measured fastest on CPU (float32, eager; DESIGN.md)."""
     os.environ.update(vllm_env())
+    # Read at engine start. Once an in-process engine has run, vLLM caches its settings: later engines of this
+    # process stay in-process too.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if cfg.reproducible else "1"
     from vllm import LLM
 
     return LLM(
@@ -65,7 +70,7 @@ class VLLMEngineTeacher(Teacher):
         # Enough queued requests to refill the batch as sequences finish, few enough to bound memory.
         window = max(4, 2 * self._cfg.max_num_seqs // sampling.n)
         pending = iter(requests)
-        in_flight: dict[str, tuple[str, int]] = {}
+        in_flight: dict[str, tuple[str, int, float]] = {}
         exhausted = False
         while True:
             while not exhausted and len(in_flight) < window:
@@ -86,13 +91,14 @@ class VLLMEngineTeacher(Teacher):
                     continue
                 request_id = f"{request.key}#{next(self._ids)}"
                 engine.add_request(request_id, {"prompt_token_ids": ids}, params)
-                in_flight[request_id] = (request.key, len(ids))
+                in_flight[request_id] = (request.key, len(ids), time.monotonic())
             if not in_flight:
                 return
             for output in engine.step():
                 if output.finished and output.request_id in in_flight:
-                    key, prompt_tokens = in_flight.pop(output.request_id)
-                    yield TeacherResult(key, _completions(output, sampling.logprobs), prompt_tokens)
+                    key, prompt_tokens, submitted = in_flight.pop(output.request_id)
+                    latency = time.monotonic() - submitted
+                    yield TeacherResult(key, _completions(output, sampling.logprobs), prompt_tokens, latency)
 
     def _prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -101,6 +107,7 @@ class VLLMEngineTeacher(Teacher):
     def close(self) -> None:
         if self._owns_llm and self.llm is not None:
             self.llm = None  # the engine's own finalizer shuts its worker processes down
+            gc.collect()  # an in-process engine's weights and KV cache go only when its cycles are collected
 
 
 def _completions(output, k: int) -> list[Completion]:

@@ -70,6 +70,7 @@ def test_inprocess_vllm_backend_writes_complete_parts_with_provenance(reference_
     # top-5 entropy lies in [0, log 5]; the full logprob arrays are not stored
     assert all(0 <= r["mean_token_entropy"] <= 1.6095 for r in rows)
     assert {r["entropy_top_k"] for r in rows} == {5}
+    assert all(r["latency_s"] > 0 for r in rows)  # per request, from submission to its last token
     prompt_tokens = {r["problem_id"]: r["prompt_tokens"] for r in rows}
     assert N_SAMPLES * sum(prompt_tokens.values()) > 4096, "prefills must have been chunked (see reference_run)"
     assert "logprobs" not in table.column_names

@@ -164,6 +164,9 @@ def test_reasoning_gym_deterministic(tmp_path):
     assert problems[4].metadata == {"task": "leg_counting", "seed": 5, "index": 1}
     other, _ = load_problems([GymSource(tasks=["basic_arithmetic"], size=3, seed=6)], tmp_path)
     assert [p.prompt for p in other] != [p.prompt for p in problems[:3]]
+    easy = GymSource(tasks=["chain_sum"], size=20, seed=5, config={"min_terms": 2, "max_terms": 2, "max_digits": 1})
+    sums, _ = load_problems([easy], tmp_path)
+    assert {json.loads(p.reference)["entry"]["metadata"]["num_terms"] for p in sums} == {2}
     with pytest.raises(ValueError, match="'basic_arithmetc'; did you mean basic_arithmetic"):
         load_problems([GymSource(tasks=["basic_arithmetc"])], tmp_path)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -106,7 +107,12 @@ def test_a_second_run_resumes_from_the_last_checkpoint(tmp_path, arithmetic_data
     args += ["--merge_lora", "false", "--output_dir", str(tmp_path / "out"), "--logging_steps", "1"]
     args += ["--save_steps", "3", "--save_total_limit", "3", "--lr_scheduler_type", "constant", "--warmup_steps", "0"]
     distill_sft(*args, "--max_steps", "6")
+    # A save cut short by a kill: the weights were written, trainer_state.json (written last) was not.
+    torn = tmp_path / "out" / "checkpoint-8"
+    torn.mkdir()
+    shutil.copy(tmp_path / "out" / "checkpoint-6" / "model.safetensors", torn)
     second = distill_sft(*args, "--max_steps", "9")
+    assert f"removing {torn}" in second.stderr
     assert "resuming from" in second.stderr and "checkpoint-6" in second.stderr
     history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
     steps = [h["step"] for h in history if "loss" in h]

@@ -1,0 +1,110 @@
+"""Benchmarks: names on the command line -> problem sets frozen as JSONL files that every model answers.
+
+Freezing the problems once per evaluation (OUTPUT/benchmarks/NAME.jsonl) makes the comparison fair by construction:
+the teacher and each student read the same file, and the file is the record of what was measured. Sources are the
+generate stage's own (pipeline.sources), so a benchmark renders with the same prompt templates the student was
+trained on, and is scored by the same verifiers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow.dataset as pads
+
+from eval.config import EVAL_GYM_SEED, EvalConfig
+from pipeline.config import FileSource, GymSource, HFSource, HumanEvalSource, SourceConfig
+from pipeline.parts import write_atomic_bytes
+from pipeline.records import Problem
+from pipeline.sources import Reject, iter_problems
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    path: Path  # the frozen problems
+    problems: int
+    excluded_as_training: int  # problems dropped because their prompt is in a training set
+
+
+def resolve(spec: str | SourceConfig, cfg: EvalConfig) -> tuple[str, SourceConfig | list[Problem]]:
+    """A benchmark's name and where its problems come from."""
+    if not isinstance(spec, str):
+        if isinstance(spec, GymSource):
+            return spec.name, spec
+        name = spec.name or Path(spec.path).stem
+        return name, spec
+    if spec == "humaneval":
+        return spec, HumanEvalSource(limit=cfg.limit)
+    if spec.startswith("gym:"):
+        task = spec.removeprefix("gym:")
+        return f"gym-{task}", GymSource(tasks=[task], size=cfg.limit or cfg.gym_size, seed=EVAL_GYM_SEED, name="gym")
+    path = Path(spec)
+    if path.suffix in (".jsonl", ".json", ".parquet"):
+        return path.stem, FileSource(path=str(path.resolve()), limit=cfg.limit)
+    if (path / "manifest.json").exists():
+        return f"{path.resolve().parent.name}-test", dataset_test_problems(path)
+    if path.is_dir():
+        return path.name, HFSource(path=str(path.resolve()), split="test", limit=cfg.limit)
+    raise FileNotFoundError(f"benchmark {spec!r}: not humaneval, gym:TASK, a .jsonl/.parquet file or a dataset folder")
+
+
+def dataset_test_problems(dataset: Path) -> list[Problem]:
+    """The distinct problems of a `distill build` dataset's test split (it holds several completions per problem)."""
+    files = sorted((dataset / "data").glob("test-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"dataset {dataset} has no test split (build it with build.test_fraction > 0)")
+    columns = ["problem_id", "source", "domain", "prompt", "reference"]
+    problems: dict[str, Problem] = {}
+    for row in pads.dataset(files).to_table(columns=columns).to_pylist():
+        problems.setdefault(
+            row["problem_id"],
+            Problem(row["problem_id"], row["source"], row["domain"], row["prompt"], row["reference"] or ""),
+        )
+    return list(problems.values())
+
+
+def _normalized(prompt: str) -> str:
+    return re.sub(r"\s+", " ", prompt).strip().lower()
+
+
+def training_prompts(datasets: list[str]) -> set[str]:
+    """Normalized prompts of the train split of each dataset folder."""
+    prompts: set[str] = set()
+    for folder in datasets:
+        files = sorted((Path(folder) / "data").glob("train-*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"exclude_prompts_from: {folder} has no data/train-*.parquet")
+        prompts.update(_normalized(p) for p in pads.dataset(files).to_table(columns=["prompt"])["prompt"].to_pylist())
+    return prompts
+
+
+def freeze(cfg: EvalConfig, folder: Path) -> tuple[list[Benchmark], list[Reject]]:
+    """Write each benchmark's problems to FOLDER/NAME.jsonl (without training prompts); rows left out go back."""
+    exclude = training_prompts(cfg.exclude_prompts_from)
+    benchmarks: list[Benchmark] = []
+    rejects: list[Reject] = []
+    seen: dict[str, tuple[str, int]] = {}  # problem ids are unique across benchmarks: rows are grouped by id
+    folder.mkdir(parents=True, exist_ok=True)
+    for spec in cfg.benchmarks:
+        name, source = resolve(spec, cfg)
+        if any(b.name == name for b in benchmarks):
+            raise ValueError(f"benchmark {name!r} is listed twice")
+        problems = source if isinstance(source, list) else list(iter_problems(source, Path("."), rejects, seen))
+        problems = problems[: cfg.limit] if cfg.limit else problems
+        kept = [p for p in problems if _normalized(p.prompt) not in exclude]
+        if not kept:
+            raise ValueError(f"benchmark {name!r} has no problems left (all {len(problems)} are training prompts)")
+        path = folder / f"{name}.jsonl"
+        lines = (json.dumps(asdict(p) | {"source": name}) + "\n" for p in kept)
+        write_atomic_bytes(path, "".join(lines).encode())
+        benchmarks.append(Benchmark(name, path, len(kept), len(problems) - len(kept)))
+    return benchmarks, rejects
+
+
+def source_of(benchmark: Benchmark) -> FileSource:
+    """How a model's generation run reads a frozen benchmark; rows carry the benchmark's name as `source`."""
+    return FileSource(path=str(benchmark.path.resolve()), name=benchmark.name)

@@ -1,0 +1,170 @@
+"""`distill eval`: models answer frozen benchmarks under DeepSeek-R1's protocol; the report sets them side by side.
+
+    distill eval --model teacher=smollm2-135m-instruct --model runs/demo/student --benchmarks gym:chain_sum
+    distill eval --model M --benchmarks humaneval runs/demo/dataset data/demo_math.jsonl --samples 8 --limit 50
+
+Each model's answers are a generation run of the generate stage (OUTPUT/generations/LABEL-HASH/, resumable, same
+templates, backends and verifiers), so an interrupted evaluation resumes, and re-running it makes no model call.
+The folder name carries a hash of the weights and sampling: a retrained model is evaluated afresh, never mixed with
+the answers of its earlier weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.dataset as pads
+
+from eval.benchmarks import Benchmark, freeze, source_of
+from eval.config import EvalConfig, model_label
+from eval.metrics import Sample, percentile
+from eval.resources import PeakMemory, kv_bytes_per_token, parameter_count, size_on_disk, weights_fingerprint
+from pipeline.config import OutputConfig, Recipe, SamplingConfig
+from pipeline.models import resolve_model
+from pipeline.parts import closed_parts, write_atomic_bytes
+from pipeline.records import fingerprint
+
+# cons@k votes on final answers; a program has no final answer to vote on.
+VOTING_DOMAINS = {"math", "gym", "mcq", "text"}
+
+
+@dataclass
+class ModelRun:
+    """One model's scored samples, grouped benchmark -> problem -> samples, and what serving it cost."""
+
+    label: str
+    model: str
+    revision: str
+    run_dir: Path
+    samples: dict[str, dict[str, list[Sample]]] = field(default_factory=dict)
+    domains: dict[str, str] = field(default_factory=dict)  # benchmark -> domain of its problems
+    unscored: int = 0  # samples whose verdict is an infrastructure error (retried by the next run)
+    infra_errors: int = 0  # problems the engine failed on in this call (retried by the next run)
+    unanswered: int = 0  # problems without answers: those infrastructure errors, and prompts too long for the model
+    performance: dict = field(default_factory=dict)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
+
+
+def _recipe(cfg: EvalConfig, label: str, model: str, revision: str, benchmarks: list[Benchmark]) -> Recipe:
+    sampling = SamplingConfig(
+        n=cfg.samples,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_tokens=cfg.max_tokens,
+        logprobs=0,
+        seed=cfg.seed,
+    )
+    key = fingerprint({"model": model, "revision": revision, "sampling": sampling.model_dump()})
+    return Recipe(
+        name=f"{_slug(label)}-{key[:8]}",
+        sources=[source_of(b) for b in benchmarks],
+        sampling=sampling,
+        teacher=cfg.engine.model_copy(update={"model": model, "revision": revision}),
+        output=OutputConfig(runs_dir=str(Path(cfg.output) / "generations")),
+        verify=cfg.verify,
+    )
+
+
+def _collect(run: ModelRun, benchmarks: list[Benchmark]) -> list[dict]:
+    """Verified rows of the frozen problems only (a run folder may hold answers to problems since removed)."""
+    wanted = {}
+    for b in benchmarks:
+        for line in b.path.read_text().splitlines():
+            wanted[json.loads(line)["id"]] = b.name
+    parts = closed_parts(run.run_dir / "verified")
+    columns = ["problem_id", "domain", "status", "verdict_detail", "reasoning", "completion_tokens", "latency_s"]
+    rows = pads.dataset(parts).to_table(columns=columns).to_pylist() if parts else []
+    rows = [r for r in rows if r["problem_id"] in wanted]
+    run.samples = {b.name: {} for b in benchmarks}
+    for r in rows:
+        benchmark = wanted[r["problem_id"]]
+        run.domains[benchmark] = r["domain"]
+        if r["status"] == "infra_error":
+            run.unscored += 1
+            continue
+        answer = json.loads(r["verdict_detail"] or "{}").get("extracted")
+        run.samples[benchmark].setdefault(r["problem_id"], []).append(Sample(r["status"] == "passed", answer))
+    run.unanswered = len(wanted) - len({r["problem_id"] for r in rows})
+    return rows
+
+
+def _performance(run: ModelRun, rows: list[dict], folder: Path | None, cfg: EvalConfig, generated: dict) -> dict:
+    latencies = list({r["problem_id"]: r["latency_s"] for r in rows if r["latency_s"] is not None}.values())
+    tokens = [r["completion_tokens"] for r in rows if r["completion_tokens"] is not None]
+    measured = run.run_dir / "performance.json"
+    if generated.get("completions"):  # throughput and peak memory are only measured when this call generated
+        speed = {
+            "tokens_per_s": generated["tokens_per_s"],
+            "peak_memory_bytes": generated["peak_memory_bytes"],
+            "engine_startup_s": generated["elapsed_s"] - generated["generation_s"],
+            "measured_on_completions": generated["completions"],
+        }
+        write_atomic_bytes(measured, json.dumps(speed, indent=2).encode())
+    else:
+        speed = json.loads(measured.read_text()) if measured.exists() else {}
+    return {
+        **speed,
+        "latency_p50_s": percentile(latencies, 50) if latencies else None,
+        "latency_p95_s": percentile(latencies, 95) if latencies else None,
+        "parameters": parameter_count(folder) if folder else None,
+        "size_on_disk_bytes": size_on_disk(folder) if folder else None,
+        "kv_cache_bytes_per_token": kv_bytes_per_token(folder, cfg.engine.dtype) if folder else None,
+        "avg_completion_tokens": sum(tokens) / len(tokens) if tokens else None,
+        "avg_reasoning_tokens": _reasoning_tokens(rows, folder),
+    }
+
+
+def _reasoning_tokens(rows: list[dict], folder: Path | None) -> float | None:
+    """Mean tokens of the reasoning part (the think block), counted with the model's own tokenizer."""
+    if folder is None or not rows:
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    counts = [len(tokenizer(r["reasoning"] or "", add_special_tokens=False).input_ids) for r in rows]
+    return sum(counts) / len(counts)
+
+
+def evaluate_model(spec: str, benchmarks: list[Benchmark], cfg: EvalConfig, quiet: bool = False) -> ModelRun:
+    from pipeline.generate import generate
+    from pipeline.verify import verify_run
+
+    label, model = model_label(spec)
+    resolved = resolve_model(model)
+    folder = Path(resolved.path) if Path(resolved.path).is_dir() else None
+    revision = weights_fingerprint(folder) if folder and any(folder.glob("*.safetensors")) else resolved.revision
+    recipe = _recipe(cfg, label, model, revision, benchmarks)
+    run = ModelRun(label, model, revision, recipe.run_dir)
+    with PeakMemory() as memory:
+        generated = generate(recipe, quiet=quiet)
+    run.infra_errors = generated["infra_errors"]
+    local = cfg.engine.backend != "openai"  # a remote endpoint's memory is not ours to measure
+    generated["peak_memory_bytes"] = memory.peak_bytes if local else None
+    verify_run(recipe.run_dir, recipe.verify, quiet=quiet)
+    rows = _collect(run, benchmarks)
+    run.performance = _performance(run, rows, folder, cfg, generated)
+    return run
+
+
+def evaluate(cfg: EvalConfig, quiet: bool = False) -> dict:
+    """Evaluate every model on every benchmark; writes and returns the report (report.json's content)."""
+    from eval.report import build_report, write_report
+
+    output = Path(cfg.output)
+    benchmarks, rejects = freeze(cfg, output / "benchmarks")
+    write_atomic_bytes(
+        output / "benchmarks" / "rejects.jsonl",
+        "".join(json.dumps(r.__dict__) + "\n" for r in rejects).encode(),
+    )
+    runs = [evaluate_model(spec, benchmarks, cfg, quiet) for spec in cfg.models]
+    report = build_report(cfg, benchmarks, runs, VOTING_DOMAINS)
+    report["rejected_rows"] = len(rejects)
+    report["output"] = str(output)
+    write_report(report, output)
+    return report

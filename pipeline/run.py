@@ -1,0 +1,259 @@
+"""`distill run`: every stage of one recipe in order (generate -> verify -> build -> student init -> sft -> eval).
+
+    distill run --config recipes/demo-run.yaml            # the CPU demo: embedded teacher, pruned student
+    distill run --config recipes/demo-run.yaml eval.limit=10
+
+Each stage records its state in RUN/stages/STAGE.json with the hash of its inputs: its part of the recipe and the
+hashes of the stages before it. A stage marked done with the same hash is skipped; any other is run, and the stages
+resume their own partial work (generate keeps its closed parts, sft its checkpoints, eval its generations). So a
+run stopped anywhere, by Ctrl-C or a crash, is resumed by running the same command, and changing a section re-runs
+that stage and everything after it. A student folder trained under other inputs is moved aside, never resumed from
+and never deleted. Every decision is a line of RUN/run.log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, model_validator
+
+from eval.config import EvalConfig
+from pipeline.config import GymSource, Recipe, RecipeError, apply_overrides, validate
+from pipeline.config_base import Strict
+from pipeline.parts import write_atomic_bytes
+from pipeline.records import fingerprint
+
+
+class StudentInitConfig(Strict):
+    """Start the student from the teacher's own layers (`distill student init`)."""
+
+    layers: int = Field(ge=1, description="decoder layers the student keeps")
+    strategy: str = Field("even", pattern="^(even|first)$", description="evenly spaced layers or the first K")
+    source: str | None = Field(None, description="model to prune; default: the teacher")
+
+
+class RunRecipe(Recipe):
+    """A generate recipe plus the stages after it; a section left out skips its stage."""
+
+    student: StudentInitConfig | None = Field(None, description="prune the teacher into the student's start")
+    sft: dict[str, Any] | None = Field(
+        None,
+        description="`distill sft` fields (TRL SFTConfig, ModelConfig, ours); dataset, output_dir and, with a "
+        "student section, model_name_or_path are set by the run",
+    )
+    eval: dict[str, Any] | None = Field(
+        None,
+        description="`distill eval` fields; models (teacher, student before and after), output and "
+        "exclude_prompts_from are set by the run, max_tokens defaults to sampling.max_tokens",
+    )
+
+    @model_validator(mode="after")
+    def _eval_seeds_disjoint(self) -> RunRecipe:
+        train_seeds = {s.seed for s in self.sources if isinstance(s, GymSource)}
+        for b in (self.eval or {}).get("benchmarks", []):
+            if isinstance(b, dict) and b.get("type") == "reasoning_gym" and b.get("seed", 0) in train_seeds:
+                raise ValueError(f"eval benchmark {b.get('name', b)}: seed {b.get('seed', 0)} is a training seed")
+        return self
+
+
+def load_run_recipe(path: Path, overrides: list[str] = ()) -> RunRecipe:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise RecipeError(f"cannot read recipe {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path}: top level must be a mapping of fields")
+    data.setdefault("base_dir", str(Path(path).parent))
+    recipe = validate(RunRecipe, apply_overrides(data, overrides), f"run recipe {path}")
+    if recipe.eval is not None:  # unknown eval fields fail now, not after hours of generation and training
+        validate(EvalConfig, _eval_fields(recipe), f"run recipe {path}", prefix="eval.")
+    if recipe.sft is not None:
+        from trl import ModelConfig, SFTConfig
+
+        from sft.config import DistillArguments
+
+        known = {f.name for dc in (DistillArguments, SFTConfig, ModelConfig) for f in dataclasses.fields(dc)}
+        unknown = sorted(set(recipe.sft) - known)
+        if unknown:
+            raise RecipeError(f"run recipe {path}: unknown sft field(s) {', '.join(unknown)} (see distill sft --help)")
+    return recipe
+
+
+def _folders(recipe: RunRecipe) -> dict[str, Path]:
+    run = recipe.run_dir
+    return {"dataset": run / "dataset", "init": run / "student-init", "student": run / "student", "eval": run / "eval"}
+
+
+def _sft_fields(recipe: RunRecipe) -> dict[str, Any]:
+    folders = _folders(recipe)
+    fields = dict(recipe.sft or {}) | {"dataset": str(folders["dataset"]), "output_dir": str(folders["student"])}
+    if recipe.student:
+        fields["model_name_or_path"] = str(folders["init"])
+    return fields
+
+
+def _before_training(recipe: RunRecipe) -> str:
+    if recipe.student:
+        return str(_folders(recipe)["init"])
+    return (recipe.sft or {}).get("model_name_or_path", "")
+
+
+def _eval_fields(recipe: RunRecipe) -> dict[str, Any]:
+    folders = _folders(recipe)
+    models = [f"teacher={recipe.teacher.model}"]
+    if recipe.sft is not None:
+        before = _before_training(recipe)
+        models += [f"student-before={before}"] if before else []
+        models += [f"student-after={folders['student']}"]
+    fields = dict(recipe.eval or {})
+    # The teacher's engine settings, made reproducible; eval.engine changes single fields of them.
+    engine = recipe.teacher.model_dump(exclude={"model", "revision"}) | {"reproducible": True}
+    fields["engine"] = engine | fields.get("engine", {})
+    defaults = {"max_tokens": recipe.sampling.max_tokens, "seed": recipe.sampling.seed or 0}
+    set_by_run = {"models": models, "output": str(folders["eval"]), "exclude_prompts_from": [str(folders["dataset"])]}
+    return defaults | fields | set_by_run
+
+
+class StageLog:
+    """Stage decisions on stderr and appended to RUN/run.log, each line stamped with the time."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "run.log"
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, stage: str, message: str) -> None:
+        line = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} [{stage}] {message}"
+        print(f"distill run: {line}", file=sys.stderr, flush=True)
+        with self.path.open("a") as f:  # a log for people: a torn last line after a crash loses nothing
+            f.write(line + "\n")
+
+
+def _stage_hashes(recipe: RunRecipe) -> dict[str, str]:
+    sections = {
+        "generate": {
+            "sources": [s.model_dump(mode="json") for s in recipe.sources],
+            "templates": recipe.templates,
+            "system_prompt": recipe.system_prompt,
+            "sampling": recipe.sampling.model_dump(),
+            "teacher": recipe.teacher.model_dump(),
+        },
+        "verify": recipe.verify.model_dump(exclude={"inline": True, "math": {"workers"}, "code": {"workers"}}),
+        "build": recipe.build.model_dump(),
+        "student": recipe.student.model_dump() if recipe.student else None,
+        "sft": recipe.sft,
+        "eval": _eval_fields(recipe) if recipe.eval is not None else None,
+    }
+    hashes: dict[str, str] = {}
+    upstream = {
+        "generate": [],
+        "verify": ["generate"],
+        "build": ["verify"],
+        "student": [],
+        "sft": ["build", "student"],
+    }
+    upstream["eval"] = ["sft", "student", "build"]
+    for stage, inputs in sections.items():
+        hashes[stage] = fingerprint({"inputs": inputs, "after": [hashes[u] for u in upstream[stage]]})
+    return hashes
+
+
+def _stages(recipe: RunRecipe) -> list[str]:
+    stages = ["generate", "verify", "build"]
+    stages += ["student"] if recipe.student else []
+    stages += ["sft"] if recipe.sft is not None else []
+    stages += ["eval"] if recipe.eval is not None else []
+    return stages
+
+
+def _run_stage(stage: str, recipe: RunRecipe, quiet: bool) -> str | None:
+    """Run one stage; returns a reason the run cannot go on (infrastructure errors to retry), or None."""
+    folders = _folders(recipe)
+    if stage == "generate":
+        from pipeline.generate import generate
+
+        stats = generate(recipe, quiet=quiet)
+        return f"{stats['infra_errors']} problems failed on infrastructure errors" if stats["infra_errors"] else None
+    if stage == "verify":
+        from pipeline.verify import verify_run
+
+        stats = verify_run(recipe.run_dir, recipe.verify, quiet=quiet)
+        return f"{stats['infra_error']} verdicts failed on infrastructure errors" if stats["infra_error"] else None
+    if stage == "build":
+        from pipeline.build import build
+
+        recipe_yaml = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+        stats = build(recipe.run_dir, recipe.build, Path(recipe.base_dir), recipe_yaml, quiet=quiet)
+        return None if stats["kept"] else "no row was kept: nothing to train on (see build_exclusions.parquet)"
+    if stage == "student":
+        from sft.prune import prune_layers
+
+        init = recipe.student
+        if not folders["init"].exists():  # the pruned folder appears atomically, complete or not at all
+            prune_layers(init.source or recipe.teacher.model, init.layers, folders["init"], strategy=init.strategy)
+        return None
+    if stage == "sft":
+        from sft.train import main as sft_main
+
+        config = recipe.run_dir / "sft.yaml"
+        write_atomic_bytes(config, yaml.safe_dump(_sft_fields(recipe), sort_keys=False).encode())
+        sft_main(["--config", str(config)])
+        return None
+    from eval.evaluate import evaluate
+
+    report = evaluate(EvalConfig.model_validate(_eval_fields(recipe)), quiet=quiet)
+    failed = {m: report["incomplete"][m] for m in report["needs_retry"]}
+    return f"infrastructure errors in the evaluation: {failed}" if failed else None
+
+
+def _set_aside(stage: str, recipe: RunRecipe, old_hash: str, log: StageLog) -> None:
+    """A student trained (or pruned) under other inputs is kept, renamed, so that no checkpoint is resumed wrongly."""
+    folder = {"student": _folders(recipe)["init"], "sft": _folders(recipe)["student"]}.get(stage)
+    if folder is not None and folder.exists():
+        aside = folder.with_name(f"{folder.name}.{old_hash[:8]}")
+        os.replace(folder, aside)
+        log(stage, f"inputs changed since {folder} was made: moved it to {aside}")
+
+
+def run(recipe: RunRecipe, quiet: bool = False) -> int:
+    """Run or resume every stage; 0 when all are done, 3 when infrastructure errors need a re-run."""
+    run_started = time.monotonic()
+    log = StageLog(recipe.run_dir)
+    states = recipe.run_dir / "stages"
+    states.mkdir(parents=True, exist_ok=True)
+    hashes = _stage_hashes(recipe)
+    log("run", f"recipe {recipe.name}: stages {' -> '.join(_stages(recipe))}")
+    for stage in _stages(recipe):
+        state_file = states / f"{stage}.json"
+        state = json.loads(state_file.read_text()) if state_file.exists() else None
+        if state and state["hash"] == hashes[stage] and state["status"] == "done":
+            log(stage, f"skipped: complete and inputs unchanged (hash {hashes[stage]})")
+            continue
+        if state and state["hash"] != hashes[stage]:
+            _set_aside(stage, recipe, state["hash"], log)
+        resuming = state is not None and state["hash"] == hashes[stage]
+        log(stage, f"{'resuming' if resuming else 'starting'} (hash {hashes[stage]})")
+        started = time.monotonic()
+        state = {"stage": stage, "hash": hashes[stage], "status": "running"}
+        write_atomic_bytes(state_file, json.dumps(state).encode())
+        try:
+            problem = _run_stage(stage, recipe, quiet)
+        except KeyboardInterrupt:
+            log(stage, f"interrupted after {time.monotonic() - started:.0f} s; run the same command to resume")
+            raise
+        seconds = time.monotonic() - started
+        if problem:
+            log(stage, f"stopped after {seconds:.0f} s: {problem}; run the same command again to retry")
+            return 3
+        write_atomic_bytes(state_file, json.dumps(state | {"status": "done", "seconds": seconds}).encode())
+        log(stage, f"done in {seconds:.0f} s")
+    report = f"; report: {_folders(recipe)['eval'] / 'report.md'}" if recipe.eval is not None else ""
+    log("run", f"all stages done in {time.monotonic() - run_started:.0f} s{report}")
+    return 0
