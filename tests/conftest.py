@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,12 @@ def small_recipe(tmp_path: Path, name: str, problems: int = 12, **sections) -> P
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def sigint_as_in_a_terminal() -> None:
+    """Popen preexec_fn: a job started in the background of a script inherits SIGINT ignored, and Python then never
+    raises KeyboardInterrupt; restoring the default makes a test's Ctrl-C reach the child wherever the suite runs."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def distill_command(*args: str) -> list[str]:

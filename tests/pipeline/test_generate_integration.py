@@ -16,7 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.teacher.vllm_server import free_port
-from tests.conftest import ROOT, distill_command, read_raw, read_stats, run_distill, sample_keys, small_recipe
+from tests.conftest import (
+    ROOT,
+    distill_command,
+    read_raw,
+    read_stats,
+    run_distill,
+    sample_keys,
+    sigint_as_in_a_terminal,
+    small_recipe,
+)
 from tests.fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.slow
@@ -221,7 +230,10 @@ def test_vllm_server_backend_starts_serves_and_stops_also_on_ctrl_c(tmp_path):
 
     # Ctrl-C while the server is up: the run stops and takes its server with it.
     recipe = small_recipe(tmp_path, "interrupted", problems=12, sampling={"max_tokens": 200})
-    process = subprocess.Popen(distill_command(str(recipe), *args[1:]), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    command = distill_command(str(recipe), *args[1:])
+    process = subprocess.Popen(
+        command, cwd=ROOT, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_in_a_terminal
+    )
 
     def healthy() -> bool:
         try:

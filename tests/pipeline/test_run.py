@@ -14,7 +14,7 @@ import yaml
 from pipeline.config import RecipeError
 from pipeline.models import EMBEDDED_ALIAS
 from pipeline.run import _stage_hashes, load_run_recipe
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sigint_as_in_a_terminal
 
 EASY = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
 
@@ -100,8 +100,6 @@ def launched():
 def distill_run(launched, config, *args):
     cmd = [sys.executable, "-m", "pipeline.cli", "run", "--config", config, "-q", *args]
     env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
-    # SIGINT acts as Ctrl-C only where it is not ignored, and a job started in the background of a script inherits it
-    # ignored: restore the default so that the child turns it into KeyboardInterrupt, as in a terminal.
     process = subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -109,7 +107,7 @@ def distill_run(launched, config, *args):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=sigint_as_in_a_terminal,
     )
     launched.append(process)
     return process
