@@ -143,7 +143,8 @@ def _stage_hashes(recipe: RunRecipe) -> dict[str, str]:
             "templates": recipe.templates,
             "system_prompt": recipe.system_prompt,
             "sampling": recipe.sampling.model_dump(),
-            "teacher": recipe.teacher.model_dump(),
+            # What the teacher is, not how it is served: more concurrency must not retrain the student.
+            "teacher": {"model": recipe.teacher.model, "revision": recipe.teacher.revision},
         },
         "verify": recipe.verify.model_dump(exclude={"inline": True, "math": {"workers"}, "code": {"workers"}}),
         "build": recipe.build.model_dump(),

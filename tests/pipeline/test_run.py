@@ -62,6 +62,8 @@ def test_a_changed_section_reruns_its_stage_and_the_stages_after_it(tmp_path):
     sft = dict(tiny_recipe(tmp_path)["sft"], learning_rate=2.0e-4)
     changed = _stage_hashes(load_run_recipe(write(tmp_path, tiny_recipe(tmp_path, sft=sft))))
     assert [s for s in base if base[s] != changed[s]] == ["sft", "eval"]
+    served = load_run_recipe(write(tmp_path, tiny_recipe(tmp_path)), ["teacher.max_num_seqs=8"])
+    assert [s for s, h in _stage_hashes(served).items() if h != base[s]] == ["eval"]  # eval uses the engine settings
     resampled = load_run_recipe(write(tmp_path, tiny_recipe(tmp_path)), ["sampling.temperature=0.7"])
     assert [s for s, h in _stage_hashes(resampled).items() if h != base[s]] == [
         "generate",
