@@ -52,14 +52,20 @@ def resolve(spec: str | SourceConfig, cfg: EvalConfig) -> tuple[str, SourceConfi
     raise FileNotFoundError(f"benchmark {spec!r}: not humaneval, gym:TASK, a .jsonl/.parquet file or a dataset folder")
 
 
+def _split_rows(dataset: Path, split: str, columns: list[str], missing: str) -> list[dict]:
+    """Rows of one split of a `distill build` folder (its data/SPLIT-*.parquet shards)."""
+    files = sorted((Path(dataset) / "data").glob(f"{split}-*.parquet"))
+    if not files:
+        raise FileNotFoundError(missing)
+    return pads.dataset(files).to_table(columns=columns).to_pylist()
+
+
 def dataset_test_problems(dataset: Path) -> list[Problem]:
     """The distinct problems of a `distill build` dataset's test split (it holds several completions per problem)."""
-    files = sorted((dataset / "data").glob("test-*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"dataset {dataset} has no test split (build it with build.test_fraction > 0)")
     columns = ["problem_id", "source", "domain", "prompt", "reference"]
+    missing = f"dataset {dataset} has no test split (build it with build.test_fraction > 0)"
     problems: dict[str, Problem] = {}
-    for row in pads.dataset(files).to_table(columns=columns).to_pylist():
+    for row in _split_rows(dataset, "test", columns, missing):
         problems.setdefault(
             row["problem_id"],
             Problem(row["problem_id"], row["source"], row["domain"], row["prompt"], row["reference"] or ""),
@@ -75,10 +81,8 @@ def training_prompts(datasets: list[str]) -> set[str]:
     """Normalized prompts of the train split of each dataset folder."""
     prompts: set[str] = set()
     for folder in datasets:
-        files = sorted((Path(folder) / "data").glob("train-*.parquet"))
-        if not files:
-            raise FileNotFoundError(f"exclude_prompts_from: {folder} has no data/train-*.parquet")
-        prompts.update(_normalized(p) for p in pads.dataset(files).to_table(columns=["prompt"])["prompt"].to_pylist())
+        rows = _split_rows(folder, "train", ["prompt"], f"exclude_prompts_from: {folder} has no data/train-*.parquet")
+        prompts.update(_normalized(row["prompt"]) for row in rows)
     return prompts
 
 

@@ -160,8 +160,16 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         node[keys[-1]] = value
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] = (), defaults: dict[str, Any] | None = None) -> Recipe:
-    """Read a YAML recipe (or start from `defaults`), apply `key.sub=value` overrides (values parsed as YAML)."""
+def load_recipe(
+    path: str | Path | None,
+    overrides: list[str] = (),
+    defaults: dict[str, Any] | None = None,
+    model: type[Recipe] = Recipe,
+) -> Recipe:
+    """Read a YAML recipe (or start from `defaults`), apply `key.sub=value` overrides (values parsed as YAML).
+
+    `model` is the recipe type: a `distill run` recipe extends the generate recipe with more sections.
+    """
     data: dict[str, Any] = dict(defaults or {})
     if path is not None:
         path = Path(path)
@@ -173,7 +181,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), defaults: di
             raise RecipeError(f"recipe {path}: top level must be a mapping of fields")
         data.setdefault("base_dir", str(path.parent))
     apply_overrides(data, overrides)
-    return validate(Recipe, data, f"recipe {path or ''}")
+    return validate(model, data, f"recipe {path or ''}")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

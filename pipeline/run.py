@@ -26,10 +26,11 @@ import yaml
 from pydantic import Field, model_validator
 
 from eval.config import EvalConfig
-from pipeline.config import GymSource, Recipe, RecipeError, apply_overrides, validate
+from pipeline.config import GymSource, Recipe, RecipeError, load_recipe, validate
 from pipeline.config_base import Strict
 from pipeline.parts import write_atomic_bytes
 from pipeline.records import fingerprint
+from pipeline.verify import verify_hash
 
 
 class StudentInitConfig(Strict):
@@ -65,14 +66,7 @@ class RunRecipe(Recipe):
 
 
 def load_run_recipe(path: Path, overrides: list[str] = ()) -> RunRecipe:
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise RecipeError(f"cannot read recipe {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise RecipeError(f"recipe {path}: top level must be a mapping of fields")
-    data.setdefault("base_dir", str(Path(path).parent))
-    recipe = validate(RunRecipe, apply_overrides(data, overrides), f"run recipe {path}")
+    recipe = load_recipe(path, overrides, model=RunRecipe)
     if recipe.eval is not None:  # unknown eval fields fail now, not after hours of generation and training
         validate(EvalConfig, _eval_fields(recipe), f"run recipe {path}", prefix="eval.")
     if recipe.sft is not None:
@@ -146,7 +140,7 @@ def _stage_hashes(recipe: RunRecipe) -> dict[str, str]:
             # What the teacher is, not how it is served: more concurrency must not retrain the student.
             "teacher": {"model": recipe.teacher.model, "revision": recipe.teacher.revision},
         },
-        "verify": recipe.verify.model_dump(exclude={"inline": True, "math": {"workers"}, "code": {"workers"}}),
+        "verify": verify_hash(recipe.verify),
         "build": recipe.build.model_dump(),
         "student": recipe.student.model_dump() if recipe.student else None,
         "sft": recipe.sft,
