@@ -26,7 +26,8 @@ class DistillArguments:
         default=False,
         metadata={
             "help": "Scale each sample's loss by the dataset's `weight` column: a per-token mean within each sample, "
-            "then the weighted mean over the batch."
+            "then the weighted mean over all samples of the optimizer step (every micro-batch, accumulation step and "
+            "rank), so a sample of weight 2 counts as that sample twice, however the step is split."
         },
     )
     overlong: str = field(

@@ -42,6 +42,24 @@ def test_per_sample_mean_then_weighted_mean_over_samples():
     assert weighted_mean(per_token, torch.tensor([1.0, 1.0, 0.0])).item() == pytest.approx(2.0)
 
 
+def test_micro_batches_divided_by_the_steps_total_weight_add_up_to_the_whole_steps_mean():
+    # The step of the test above split into two micro-batches, [A] and [B]: each divided by its own weight, the weights
+    # cancel (2 + 6 = 8, whatever they are); divided by the step's total weight 3, the shares add up to 10/3.
+    a, b = (torch.tensor([1.0, 3.0]), torch.tensor([1.0, 1.0])), (torch.tensor([6.0]), torch.tensor([1.0]))
+    assert weighted_mean(*a).item() + weighted_mean(*b).item() == pytest.approx(8.0)
+    shares = weighted_mean(*a, total_weight=3.0), weighted_mean(*b, total_weight=3.0)
+    assert (shares[0] + shares[1]).item() == pytest.approx(10 / 3)
+    # distillation_loss divides both of its terms by the same total.
+    s, te, y = torch.tensor(STUDENT), torch.tensor(TEACHER), torch.tensor(LABELS)
+    whole = distillation_loss(s, te, y, torch.tensor([0.75, 0.25]), alpha=0.7, temperature=2.0)
+    halves = [
+        distillation_loss(s[i : i + 1], te[i : i + 1], y[i : i + 1], w, alpha=0.7, temperature=2.0, total_weight=1.0)
+        for i, w in ((0, torch.tensor([0.75])), (1, torch.tensor([0.25])))
+    ]
+    for k in range(3):
+        assert sum(h[k].item() for h in halves) == pytest.approx(whole[k].item(), abs=1e-6)
+
+
 def test_kd_loss_matches_hand_computation():
     t, alpha = 2.0, 0.7
     p_teacher = _softmax(TEACHER[0], t)  # softmax([0, .5, 1])
