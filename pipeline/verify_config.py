@@ -31,9 +31,11 @@ class MathConfig(Strict):
 
 class CodeConfig(Strict):
     isolation: Literal["auto", "bwrap", "rlimit"] = Field(
-        "auto", description="auto: bubblewrap when it runs here, else rlimits in a fresh session"
+        "auto", description="auto and bwrap: bubblewrap, refused where it cannot run; rlimit: the weaker fallback"
     )
-    timeout_s: float = Field(10.0, gt=0, description="wall-clock deadline per program; its process group is killed")
+    timeout_s: float = Field(
+        10.0, gt=0, description="wall-clock deadline per program, killed past it; an overrun is retried once at 2x"
+    )
     cpu_s: int = Field(10, ge=1, description="CPU seconds per program (RLIMIT_CPU)")
     memory_mb: int = Field(1024, ge=64, description="address space per program (RLIMIT_AS)")
     max_processes: int = Field(64, ge=1, description="processes per sandbox (RLIMIT_NPROC / pid namespace)")

@@ -1,20 +1,34 @@
 """Judges Python answers by running them in the sandbox, against a HumanEval-style test suite or stdin/stdout cases.
 
-The verdict comes from the harness alone (exit status, compared output), never from anything the program says about
-itself, since the program is what is being judged. Exit status 0 alone is not enough for a test suite: a program can
-exit early (`sys.exit(0)`, `os._exit(0)`) before `check(...)` runs. So the harness writes a fresh random token after
-`check(...)` returns, and a run passes only if the token shows up. The token is in the program file, so a program set
-on reading its own source could still forge it: this stops the easy reward hacks, not a determined adversary."""
+The verdict comes from the harness alone, never from anything the program prints or says about itself, since the
+program is what is being judged. A test suite runs in a checker process of its own that calls the candidate's
+function across a pipe and compares plain values rebuilt on its side (see suite_harness); stdin/stdout cases compare
+the program's output, line by line, with the expected output.
+
+Only the answer part of a completion is judged: code inside the reasoning is a draft, not the answer. A deadline
+overrun on the wall clock is retried once with the deadline doubled, since a loaded machine can slow a right answer
+past it; running out of CPU time (RLIMIT_CPU) is final.
+"""
 
 from __future__ import annotations
 
+import json
 import re
-import secrets
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pipeline.verifiers.base import FAILED, INFRA_ERROR, PASSED, Verdict, Verifier, VerifyItem, load_reference
-from pipeline.verifiers.sandbox import SandboxResult, available_isolation, run_python
+from pipeline.verifiers.base import (
+    DATA_FAULT,
+    FAILED,
+    INFRA_ERROR,
+    PASSED,
+    Verdict,
+    Verifier,
+    VerifyItem,
+    load_reference,
+)
+from pipeline.verifiers.sandbox import SandboxResult, resolve_isolation, run_python
 from pipeline.verify_config import CodeConfig
 
 _FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+-]*)[^\n]*\n(.*?)^[ \t]*```", re.MULTILINE | re.DOTALL)
@@ -45,6 +59,18 @@ def _test_suite(reference: dict[str, Any]) -> tuple[str, str, str] | None:
     return None
 
 
+def _suite_problem(tests: str, prompt: str) -> str | None:
+    """Why the suite cannot judge anything (then every answer would fail): it does not compile or defines no check."""
+    for name, source in (("tests", tests), ("prompt", prompt)):
+        try:
+            compile(source, f"<{name}>", "exec")
+        except (SyntaxError, ValueError) as exc:
+            return f"the reference's {name} are not valid Python: {exc}"
+    if not _defines(tests, "check"):
+        return "the reference's tests define no check(candidate) function"
+    return None
+
+
 def _cases(reference: dict[str, Any]) -> list[tuple[str, str]] | None:
     cases = reference.get("cases")
     if not isinstance(cases, list) or not cases:
@@ -62,11 +88,13 @@ def _defines(code: str, name: str) -> bool:
 
 def _failure(result: SandboxResult) -> Verdict | None:
     """The verdict for a run that did not end normally; None when it exited with status 0 within its limits."""
-    detail: dict[str, Any] = {"isolation": result.isolation}
+    detail: dict[str, Any] = {"isolation": result.isolation, "limits": result.limits}
     if result.setup_error is not None:
         return Verdict(INFRA_ERROR, "sandbox_error", {**detail, "error": result.setup_error[-_STDERR_TAIL_CHARS:]})
-    if result.timed_out or result.exit_code in _CPU_LIMIT_EXIT_CODES:
-        return Verdict(FAILED, "timeout", detail)
+    if result.timed_out:
+        return Verdict(FAILED, "timeout", {**detail, "limit": "wall_clock"})
+    if result.exit_code in _CPU_LIMIT_EXIT_CODES:
+        return Verdict(FAILED, "timeout", {**detail, "limit": "cpu"})
     if result.output_exceeded:
         return Verdict(FAILED, "output_limit", detail)
     if result.exit_code != 0:
@@ -77,12 +105,17 @@ def _failure(result: SandboxResult) -> Verdict | None:
 
 
 class CodeVerifier(Verifier):
-    """Runs up to cfg.workers programs at once; threads suffice because the work happens in sandbox processes."""
+    """Runs up to cfg.workers programs at once; threads suffice because the work happens in sandbox processes.
+
+    Raises SandboxUnavailable when created where the configured isolation cannot run, so that a run stops before
+    judging anything rather than recording every row as an infrastructure error.
+    """
 
     name = "code"
 
     def __init__(self, cfg: CodeConfig) -> None:
         self.cfg = cfg
+        self.isolation = resolve_isolation(cfg)
         self._pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="code-verifier")
 
     def verify_batch(self, items: list[VerifyItem]) -> list[Verdict]:
@@ -95,46 +128,59 @@ class CodeVerifier(Verifier):
         try:
             return self.verify(item)
         except Exception as exc:  # a harness bug must not be scored as a wrong answer
-            return Verdict(INFRA_ERROR, "sandbox_error", {"isolation": self._isolation(), "error": repr(exc)})
+            return Verdict(INFRA_ERROR, "sandbox_error", {"isolation": self.isolation, "error": repr(exc)})
 
     def verify(self, item: VerifyItem) -> Verdict:
         reference = load_reference(item.reference)
         suite = _test_suite(reference) if isinstance(reference, dict) else None
         cases = _cases(reference) if isinstance(reference, dict) and suite is None else None
         if suite is None and cases is None:
-            return Verdict(INFRA_ERROR, "bad_reference", {"isolation": self._isolation()})
-        code = extract_program(item.answer) or extract_program(item.completion)
+            error = "neither {tests, entry_point} nor a non-empty list of {input, output} string cases"
+            return Verdict(DATA_FAULT, "bad_reference", {"isolation": self.isolation, "error": error})
+        if suite is not None and (problem := _suite_problem(suite[0], suite[2])) is not None:
+            return Verdict(DATA_FAULT, "bad_reference", {"isolation": self.isolation, "error": problem})
+        code = extract_program(item.answer)  # never the reasoning: a draft there is not the answer
         if code is None:
-            return Verdict(FAILED, "no_code", {"isolation": self._isolation()})
+            return Verdict(FAILED, "no_code", {"isolation": self.isolation})
         return self._run_suite(code, *suite) if suite is not None else self._run_cases(code, cases)
 
-    def _isolation(self) -> str:
-        return available_isolation(self.cfg)
+    def _run(self, start: Callable[[CodeConfig], SandboxResult]) -> tuple[SandboxResult, dict[str, Any]]:
+        """Run once; past the wall-clock deadline, once more with it doubled. The detail says what happened."""
+        result = start(self.cfg)
+        if not result.timed_out:
+            return result, {}
+        patient = self.cfg.model_copy(update={"timeout_s": 2 * self.cfg.timeout_s})
+        return start(patient), {"deadline_retried": True, "deadline_s": patient.timeout_s}
 
     def _run_suite(self, code: str, tests: str, entry_point: str, prompt: str) -> Verdict:
         if prompt and not _defines(code, entry_point):  # a completion holding only the function body
             code = prompt + ("" if prompt.endswith("\n") else "\n") + code
-        token = f"distill-suite-passed-{secrets.token_hex(16)}"
-        harness = f"\n\ncheck({entry_point})\nimport os as _distill_os\n_distill_os.write(1, b'\\n{token}\\n')\n"
-        result = run_python(code + "\n\n" + tests + harness, cfg=self.cfg)
+        suite = {"tests": tests, "entry_point": entry_point, "prompt": prompt}
+        result, retried = self._run(lambda cfg: run_python(code, cfg=cfg, suite=suite))
+        detail: dict[str, Any] = {"isolation": result.isolation, "limits": result.limits, **retried}
         failure = _failure(result)
         if failure is not None:
+            failure.detail.update(retried)
             return failure
-        if token not in result.stdout:
-            detail = {"isolation": result.isolation, "stderr": "the program exited before its tests ran"}
-            return Verdict(FAILED, "runtime_error", detail)
-        return Verdict(PASSED, "correct", {"isolation": result.isolation})
+        try:
+            report = json.loads(result.report)
+        except json.JSONDecodeError:  # the checker was killed (by the candidate, say) before it could report
+            stderr = result.stderr[-_STDERR_TAIL_CHARS:]
+            return Verdict(FAILED, "runtime_error", {**detail, "error": "the tests did not finish", "stderr": stderr})
+        if report["passed"]:
+            return Verdict(PASSED, "correct", detail)
+        return Verdict(FAILED, report["reason"], {**detail, "error": report["error"]})
 
     def _run_cases(self, code: str, cases: list[tuple[str, str]]) -> Verdict:
-        isolation = self._isolation()
+        detail: dict[str, Any] = {"isolation": self.isolation}
         for index, (stdin, expected) in enumerate(cases):
-            result = run_python(code, stdin, cfg=self.cfg)
-            isolation = result.isolation
+            result, retried = self._run(lambda cfg, stdin=stdin: run_python(code, stdin, cfg=cfg))
+            detail |= {"isolation": result.isolation, "limits": result.limits, **retried}
             failure = _failure(result)
             if failure is not None:
-                failure.detail["case"] = index
+                failure.detail |= {**retried, "case": index}
                 return failure
             if normalize_output(result.stdout) != normalize_output(expected):
                 excerpts = {"expected": expected[:_EXCERPT_CHARS], "got": result.stdout[:_EXCERPT_CHARS]}
-                return Verdict(FAILED, "wrong_output", {"isolation": isolation, "case": index, **excerpts})
-        return Verdict(PASSED, "correct", {"isolation": isolation, "cases": len(cases)})
+                return Verdict(FAILED, "wrong_output", {**detail, "case": index, **excerpts})
+        return Verdict(PASSED, "correct", {**detail, "cases": len(cases)})

@@ -4,9 +4,13 @@ bubblewrap gives each program its own mount, pid, net, ipc and uts namespaces: i
 Python installation read-only, plus small private tmpfs folders. Started by root, bwrap keeps every capability unless
 told otherwise, and RLIMIT_NPROC does not bind uid 0; so a launcher inside the sandbox switches to a uid of its own
 (one per concurrent run) before the program starts, which drops the capabilities and makes the fork limit real.
-Where bwrap cannot run, the fallback keeps the limits, the fresh session, the clean environment and the uid switch,
-and adds an audit hook against network, process spawning, and touching files outside the work folder. That hook is a
-speed bump, not a wall: Python's audit hooks are no security boundary.
+Where bubblewrap cannot run, a run is refused (`SandboxUnavailable`) unless the settings name the fallback,
+`isolation: rlimit`: it keeps the limits, the fresh session, the clean environment and the uid switch, and adds an
+audit hook against network, process spawning, and touching files outside the work folder. That hook is a speed bump,
+not a wall: Python's audit hooks are no security boundary.
+
+Limits are rlimits, which bind each process alone (RLIMIT_NPROC counts the run's uid, when root): a program that forks
+gets the memory limit once per process. `SandboxResult.limits` says so in every verdict.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+from pipeline.verifiers import suite_harness
 from pipeline.verify_config import CodeConfig
 
 FILE_SIZE_LIMIT_BYTES = 10 * 2**20  # RLIMIT_FSIZE: no single file written may be larger
@@ -36,8 +42,10 @@ _DRAIN_GRACE_S = 1.0  # after the program exits, how long output from leftover c
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc")
 _MARKER = b"ok"  # what the launcher writes just before it hands over to the program
 _PR_SET_PDEATHSIG = 1
+_STDERR_TAIL_CHARS = 2000
 
 # Runs inside the sandbox before the program: after it writes the marker, whatever fails is the program's fault.
+# With a test suite, it hands over to the suite harness instead, which runs the program in a child process.
 _LAUNCHER = r"""
 import json, os, resource, runpy, sys
 cfg = json.loads(sys.argv[1])
@@ -47,7 +55,11 @@ if cfg["uid"] is not None:
     os.setuid(cfg["uid"])
 for name, soft, hard in cfg["limits"]:
     resource.setrlimit(getattr(resource, name), (soft, hard))
-if cfg["guard"]:
+
+
+def enter_program():
+    if not cfg["guard"]:
+        return
     work = os.path.realpath(cfg["work_dir"])
     readable = [os.path.realpath(p) for p in cfg["readable"] + [sys.base_prefix, sys.prefix]] + [work]
     blocked = {"socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.getaddrinfo",
@@ -73,8 +85,15 @@ if cfg["guard"]:
             raise PermissionError(f"sandbox: {event} outside the work folder is not allowed")
 
     sys.addaudithook(guard)
+
+
+if cfg["suite"] is not None:  # the harness writes the marker itself once the candidate's process is started
+    harness = {"__name__": "distill_suite_harness"}
+    exec(compile(cfg["suite"]["harness"], "suite_harness.py", "exec"), harness)
+    harness["main"](cfg, enter_program)
 os.write(cfg["marker_fd"], b"ok")
 os.close(cfg["marker_fd"])
+enter_program()
 sys.argv = [cfg["program"]]
 del cfg
 runpy.run_path(sys.argv[0], run_name="__main__")
@@ -91,6 +110,8 @@ class SandboxResult:
     isolation: str  # "bwrap" | "rlimit"
     wall_s: float
     setup_error: str | None = None  # the sandbox itself failed before the program ran: an infrastructure fault
+    report: str = ""  # with a test suite: the checker's JSON report (empty when the checker wrote none)
+    limits: str = "per_process"  # memory, CPU and open-file limits bind each process of the sandbox on its own
 
 
 class _UidPool:
@@ -122,6 +143,10 @@ class _UidPool:
 def sandbox_uids() -> range:
     """The uids this process runs programs as (when root): a process of one of them still alive is a leak."""
     return _UIDS.uids()
+
+
+class SandboxUnavailable(RuntimeError):
+    """The isolation the settings ask for cannot run on this machine: refused before any row is judged."""
 
 
 def _not_started(isolation: str, error: str) -> SandboxResult:
@@ -186,9 +211,41 @@ def _bwrap_argv(bwrap: str, python: str, program_fd: int, privileged: bool) -> l
 
 
 @functools.cache
-def _bwrap_works() -> bool:
-    result = run_python("pass", cfg=CodeConfig(isolation="bwrap", timeout_s=20, workers=1))
-    return result.exit_code == 0 and result.setup_error is None
+def _bwrap_problem(bwrap: str | None) -> str | None:
+    """Why bubblewrap cannot run here (None when a trial run succeeds); checked once per bwrap binary."""
+    if bwrap is None:
+        return "bubblewrap (bwrap) is not installed"
+    cfg = CodeConfig(isolation="bwrap", timeout_s=20, workers=1)
+    uid = _UIDS.acquire() if os.geteuid() == 0 else None
+    try:
+        result = _run_bwrap("pass", "", None, cfg, uid, time.monotonic())
+    finally:
+        if uid is not None:
+            _UIDS.release(uid)
+    if result.exit_code == 0 and result.setup_error is None:
+        return None
+    return (result.setup_error or result.stderr or f"exit status {result.exit_code}").strip()[-_STDERR_TAIL_CHARS:]
+
+
+def resolve_isolation(cfg: CodeConfig) -> str:
+    """The isolation runs under cfg get; raises SandboxUnavailable, naming the fix, where bubblewrap cannot run.
+
+    "auto" and "bwrap" both need bubblewrap: the rlimit fallback is no security boundary, so it runs only when the
+    settings name it.
+    """
+    if cfg.isolation == "rlimit":
+        return "rlimit"
+    problem = _bwrap_problem(shutil.which("bwrap"))
+    if problem is None:
+        return "bwrap"
+    raise SandboxUnavailable(
+        f"verify.code.isolation={cfg.isolation}: the bubblewrap sandbox cannot run here ({problem}). Install "
+        "bubblewrap (`apt-get install bubblewrap`, done by `make setup`), and where it is installed but fails, allow "
+        "unprivileged user namespaces (`sysctl -w kernel.unprivileged_userns_clone=1`, and on Ubuntu 24.04 "
+        "`kernel.apparmor_restrict_unprivileged_userns=0`) or run the verifier as root. To accept the weaker "
+        "fallback (rlimits and an audit hook: no network or pid namespace, not a security boundary), set "
+        "verify.code.isolation=rlimit explicitly."
+    )
 
 
 @functools.cache
@@ -208,42 +265,65 @@ def _runs_as(python: str, uid: int | None) -> bool:
         return False
 
 
-def available_isolation(cfg: CodeConfig) -> str:
-    """The isolation a run under cfg gets: "auto" means bubblewrap when a trial run here succeeds (checked once)."""
-    if cfg.isolation != "auto":
-        return cfg.isolation
-    return "bwrap" if _bwrap_works() else "rlimit"
+def run_python(program: str, stdin: str = "", *, cfg: CodeConfig, suite: dict | None = None) -> SandboxResult:
+    """Run program under cfg's limits; never raises for anything the program does.
 
-
-def run_python(program: str, stdin: str = "", *, cfg: CodeConfig) -> SandboxResult:
-    """Run program under cfg's limits; never raises for anything the program does."""
-    isolation = available_isolation(cfg)
+    With suite ({"tests", "entry_point", "prompt"}), the program is the candidate and the suite harness's checker
+    judges it: `report` holds the checker's verdict.
+    """
+    isolation = resolve_isolation(cfg)
     uid = _UIDS.acquire() if os.geteuid() == 0 else None
     started = time.monotonic()
     try:
         if isolation == "bwrap":
-            return _run_bwrap(program, stdin, cfg, uid, started)
-        return _run_rlimit(program, stdin, cfg, uid, started)
+            return _run_bwrap(program, stdin, suite, cfg, uid, started)
+        return _run_rlimit(program, stdin, suite, cfg, uid, started)
     finally:
         if uid is not None:
             _UIDS.release(uid)
 
 
-def _run_bwrap(program: str, stdin: str, cfg: CodeConfig, uid: int | None, started: float) -> SandboxResult:
+@functools.cache
+def _harness_source() -> str:
+    return Path(suite_harness.__file__).read_text()
+
+
+@contextlib.contextmanager
+def _suite_file(suite: dict[str, str] | None):
+    """The suite as an unlinked file the checker reads by descriptor; None without a suite."""
+    if suite is None:
+        yield None
+        return
+    with tempfile.TemporaryFile() as handle:
+        handle.write(json.dumps({key: suite[key] for key in ("tests", "entry_point", "prompt")}).encode())
+        handle.flush()
+        handle.seek(0)
+        yield handle.fileno()
+
+
+def _launch(limits: list, program: str, suite: dict[str, str] | None, suite_fd: int | None, **extra) -> dict:
+    harness = None if suite is None else {"fd": suite_fd, "entry_point": suite["entry_point"]}
+    if harness is not None:
+        harness["harness"] = _harness_source()
+    return {"limits": limits, "program": program, "suite": harness, **extra}
+
+
+def _run_bwrap(program, stdin, suite, cfg: CodeConfig, uid: int | None, started: float) -> SandboxResult:
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         return _not_started("bwrap", "bubblewrap (bwrap) is not installed")
-    with tempfile.TemporaryFile() as program_file:
+    with tempfile.TemporaryFile() as program_file, _suite_file(suite) as suite_fd:
         program_file.write(program.encode())
         program_file.flush()
         program_file.seek(0)
         argv = _bwrap_argv(bwrap, _base_python(), program_file.fileno(), privileged=uid is not None)
-        launch = {"uid": uid, "limits": _limits(cfg), "guard": False, "program": "main.py"}
-        popen = {"env": _environment(SANDBOX_WORK_DIR), "cwd": "/", "pass_fds": [program_file.fileno()]}
+        launch = _launch(_limits(cfg), "main.py", suite, suite_fd, uid=uid, guard=False)
+        fds = [program_file.fileno()] + ([] if suite_fd is None else [suite_fd])
+        popen = {"env": _environment(SANDBOX_WORK_DIR), "cwd": "/", "pass_fds": fds}
         return _supervise(argv, launch, popen, stdin, cfg, "bwrap", started)
 
 
-def _run_rlimit(program: str, stdin: str, cfg: CodeConfig, uid: int | None, started: float) -> SandboxResult:
+def _run_rlimit(program, stdin, suite, cfg: CodeConfig, uid: int | None, started: float) -> SandboxResult:
     python = _fallback_python(uid is not None)
     if python is None:
         return _not_started("rlimit", f"no Python interpreter runs as uid {uid}")
@@ -253,11 +333,13 @@ def _run_rlimit(program: str, stdin: str, cfg: CodeConfig, uid: int | None, star
             os.chown(work_dir, uid, uid)
         with open(os.path.join(work_dir, "main.py"), "w") as handle:
             handle.write(program)
-        launch = {"uid": None, "limits": _limits(cfg), "guard": True, "program": "main.py", "work_dir": work_dir}
-        launch["readable"] = ["/usr", "/lib", "/lib64", "/bin", "/etc", "/dev"]
-        popen = {"env": _environment(work_dir), "cwd": work_dir, "user": uid, "group": uid, "pass_fds": []}
-        popen |= {"extra_groups": [] if uid is not None else None, "preexec_fn": _die_with_parent}
-        return _supervise([python], launch, popen, stdin, cfg, "rlimit", started)
+        with _suite_file(suite) as suite_fd:
+            launch = _launch(_limits(cfg), "main.py", suite, suite_fd, uid=None, guard=True, work_dir=work_dir)
+            launch["readable"] = ["/usr", "/lib", "/lib64", "/bin", "/etc", "/dev"]
+            fds = [] if suite_fd is None else [suite_fd]
+            popen = {"env": _environment(work_dir), "cwd": work_dir, "user": uid, "group": uid, "pass_fds": fds}
+            popen |= {"extra_groups": [] if uid is not None else None, "preexec_fn": _die_with_parent}
+            return _supervise([python], launch, popen, stdin, cfg, "rlimit", started)
     finally:
         if uid is not None:  # kill(-1) as that uid reaches the processes that left the program's process group
             sweep = "import os\ntry: os.kill(-1, 9)\nexcept ProcessLookupError: pass"
@@ -336,7 +418,9 @@ def _supervise(argv, launch, popen, stdin, cfg, isolation, started) -> SandboxRe
             if fd is not None:
                 os.close(fd)
     stdout, stderr = (bytes(outputs[fd][: cfg.max_output_bytes]).decode(errors="replace") for fd in list(outputs)[:2])
-    setup_error = None if outputs[marker_read] == _MARKER else f"sandbox did not start the program: {stderr[-2000:]}"
+    started_ok = outputs[marker_read].startswith(_MARKER)
+    setup_error = None if started_ok else f"sandbox did not start the program: {stderr[-_STDERR_TAIL_CHARS:]}"
+    report = bytes(outputs[marker_read][len(_MARKER) :]).decode(errors="replace")  # written by the checker alone
     exit_code = None if timed_out or exceeded else proc.returncode
     wall_s = time.monotonic() - started
-    return SandboxResult(exit_code, stdout, stderr, timed_out, exceeded, isolation, wall_s, setup_error)
+    return SandboxResult(exit_code, stdout, stderr, timed_out, exceeded, isolation, wall_s, setup_error, report)

@@ -14,13 +14,22 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.verifiers.sandbox import available_isolation, run_python, sandbox_uids
+from pipeline.verifiers.sandbox import SandboxUnavailable, resolve_isolation, run_python, sandbox_uids
 from pipeline.verify_config import CodeConfig
 
 TIMEOUT_S = 5.0
 SLACK_S = 3.0
-HAS_BWRAP = available_isolation(CodeConfig()) == "bwrap"
 IS_ROOT = os.geteuid() == 0
+
+
+def _bwrap_runs() -> bool:
+    try:
+        return resolve_isolation(CodeConfig(isolation="bwrap")) == "bwrap"
+    except SandboxUnavailable:
+        return False
+
+
+HAS_BWRAP = _bwrap_runs()
 
 
 def _sandbox_processes() -> list[int]:
@@ -70,9 +79,41 @@ def _failed(result) -> bool:
     return result.exit_code != 0 or result.timed_out or result.output_exceeded
 
 
-def test_auto_picks_bubblewrap_where_it_runs():
-    assert available_isolation(CodeConfig(isolation="auto")) == ("bwrap" if HAS_BWRAP else "rlimit")
-    assert available_isolation(CodeConfig(isolation="rlimit")) == "rlimit"
+def test_auto_picks_bubblewrap_where_it_runs_and_never_falls_back_unasked(monkeypatch):
+    if HAS_BWRAP:
+        assert resolve_isolation(CodeConfig(isolation="auto")) == "bwrap"
+    assert resolve_isolation(CodeConfig(isolation="rlimit")) == "rlimit"
+    monkeypatch.setenv("PATH", "/nonexistent")
+    for isolation in ("auto", "bwrap"):
+        with pytest.raises(SandboxUnavailable, match=r"verify\.code\.isolation=rlimit"):
+            run_python("print(1)", cfg=CodeConfig(isolation=isolation))
+    assert run_python("print(1)", cfg=CodeConfig(isolation="rlimit")).stdout == "1\n"
+
+
+def test_a_suite_run_reports_through_the_checker_alone(isolation):
+    """The candidate's stdout and exit status are not the verdict: the report comes from the checker process."""
+    suite = {"tests": "def check(candidate):\n    assert candidate(3) == 9\n", "entry_point": "f", "prompt": ""}
+    passing = _run_suite("def f(x):\n    print('{\"passed\": false}')\n    return x * x", isolation, suite)
+    failing = _run_suite(
+        "import os\ndef f(x):\n    os.write(1, b'{\"passed\": true}')\n    return 0", isolation, suite
+    )
+    assert json.loads(passing.report) == {"passed": True}
+    assert json.loads(failing.report)["passed"] is False
+    assert passing.limits == failing.limits == "per_process"
+
+
+def test_the_candidate_of_a_suite_is_contained_like_any_program(hostile):
+    suite = {"tests": "def check(candidate):\n    assert candidate() == 1\n", "entry_point": "f", "prompt": ""}
+    result = _run_suite("import os\ndef f():\n    while True:\n        os.fork()", hostile, suite)
+    assert json.loads(result.report)["passed"] is False
+
+
+def _run_suite(program: str, isolation: str, suite: dict):
+    cfg = CodeConfig(isolation=isolation, timeout_s=TIMEOUT_S, cpu_s=3, max_processes=32, workers=1)
+    result = run_python(program, cfg=cfg, suite=suite)
+    assert result.setup_error is None, result.setup_error
+    assert result.wall_s <= TIMEOUT_S + SLACK_S
+    return result
 
 
 def test_a_correct_program_passes_and_reads_its_stdin(isolation):
