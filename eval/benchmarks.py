@@ -14,11 +14,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from eval.config import EVAL_GYM_SEED, EvalConfig
 from pipeline.config import FileSource, GymSource, HFSource, HumanEvalSource, SourceConfig
 from pipeline.parts import write_atomic_bytes
 from pipeline.records import Problem
+from pipeline.shards import TEST_PROBLEMS
 from pipeline.sources import Reject, iter_problems
 
 
@@ -61,16 +63,29 @@ def _split_rows(dataset: Path, split: str, columns: list[str], missing: str) -> 
 
 
 def dataset_test_problems(dataset: Path) -> list[Problem]:
-    """The distinct problems of a `distill build` dataset's test split (it holds several completions per problem)."""
-    columns = ["problem_id", "source", "domain", "prompt", "reference"]
-    missing = f"dataset {dataset} has no test split (build it with build.test_fraction > 0)"
-    problems: dict[str, Problem] = {}
-    for row in _split_rows(dataset, "test", columns, missing):
-        problems.setdefault(
-            row["problem_id"],
-            Problem(row["problem_id"], row["source"], row["domain"], row["prompt"], row["reference"] or ""),
+    """Every test problem of a `distill build` dataset, those the teacher never solved included.
+
+    The build assigns problems to the test split before selection and lists them all in test_problems.parquet; the
+    test split's rows hold only the solved ones, so reading problems from them would flatter the teacher.
+    """
+    path = Path(dataset) / TEST_PROBLEMS
+    if not path.exists():
+        has_split = any((Path(dataset) / "data").glob("test-*.parquet"))
+        raise FileNotFoundError(
+            f"dataset {dataset} has no {TEST_PROBLEMS}: "
+            + (
+                "it was built before the build listed its unsolved test problems; rebuild it with `distill build`"
+                if has_split
+                else "it has no test split (build it with build.test_fraction > 0)"
+            )
         )
-    return list(problems.values())
+    problems = []
+    for r in pq.read_table(path).to_pylist():
+        metadata = json.loads(r["metadata"] or "{}")
+        problems.append(
+            Problem(r["problem_id"], r["source"], r["domain"], r["prompt"], r["reference"] or "", metadata)
+        )
+    return problems
 
 
 def _normalized(prompt: str) -> str:

@@ -21,14 +21,16 @@ import pyarrow.dataset as pads
 from eval.benchmarks import Benchmark, freeze, source_of
 from eval.config import EvalConfig, model_label
 from eval.metrics import Sample, percentile
-from eval.resources import PeakMemory, kv_bytes_per_token, parameter_count, size_on_disk, weights_fingerprint
+from eval.resources import PeakMemory, kv_bytes_per_token, parameter_count, size_on_disk
 from pipeline.config import OutputConfig, Recipe, SamplingConfig
 from pipeline.models import resolve_model
 from pipeline.parts import closed_parts, write_atomic_bytes
 from pipeline.records import fingerprint
+from pipeline.verifiers.base import DATA_FAULT, INFRA_ERROR
+from pipeline.weighting import ANSWER_DOMAINS
 
 # cons@k votes on final answers; a program has no final answer to vote on.
-VOTING_DOMAINS = {"math", "gym", "mcq", "text"}
+VOTING_DOMAINS = ANSWER_DOMAINS
 
 
 @dataclass
@@ -39,11 +41,13 @@ class ModelRun:
     model: str
     revision: str
     run_dir: Path
+    # Every frozen problem has an entry; an empty list is a problem left unanswered (scored as failed).
     samples: dict[str, dict[str, list[Sample]]] = field(default_factory=dict)
     domains: dict[str, str] = field(default_factory=dict)  # benchmark -> domain of its problems
     unscored: int = 0  # samples whose verdict is an infrastructure error (retried by the next run)
     infra_errors: int = 0  # problems the engine failed on in this call (retried by the next run)
-    unanswered: int = 0  # problems without answers: those infrastructure errors, and prompts too long for the model
+    unanswered: int = 0  # problems without a scored sample: infrastructure errors, prompts too long for the model
+    data_faults: set[str] = field(default_factory=set)  # problems whose reference no verifier can read: not scored
     performance: dict = field(default_factory=dict)
 
 
@@ -74,23 +78,30 @@ def _recipe(cfg: EvalConfig, label: str, model: str, revision: str, benchmarks: 
 def _collect(run: ModelRun, benchmarks: list[Benchmark]) -> list[dict]:
     """Verified rows of the frozen problems only (a run folder may hold answers to problems since removed)."""
     wanted = {}
+    run.samples = {b.name: {} for b in benchmarks}
     for b in benchmarks:
         for line in b.path.read_text().splitlines():
-            wanted[json.loads(line)["id"]] = b.name
+            problem = json.loads(line)
+            wanted[problem["id"]] = b.name
+            run.samples[b.name][problem["id"]] = []  # stays empty when the model gives no scored answer
+            run.domains[b.name] = problem["domain"]
     parts = closed_parts(run.run_dir / "verified")
     columns = ["problem_id", "domain", "status", "verdict_detail", "reasoning", "completion_tokens", "latency_s"]
     rows = pads.dataset(parts).to_table(columns=columns).to_pylist() if parts else []
     rows = [r for r in rows if r["problem_id"] in wanted]
-    run.samples = {b.name: {} for b in benchmarks}
     for r in rows:
-        benchmark = wanted[r["problem_id"]]
-        run.domains[benchmark] = r["domain"]
-        if r["status"] == "infra_error":
+        if r["status"] == DATA_FAULT:  # the reference, not the model, is at fault: no model is scored on it
+            run.data_faults.add(r["problem_id"])
+            continue
+        if r["status"] == INFRA_ERROR:
             run.unscored += 1
             continue
         answer = json.loads(r["verdict_detail"] or "{}").get("extracted")
-        run.samples[benchmark].setdefault(r["problem_id"], []).append(Sample(r["status"] == "passed", answer))
-    run.unanswered = len(wanted) - len({r["problem_id"] for r in rows})
+        run.samples[wanted[r["problem_id"]]][r["problem_id"]].append(Sample(r["status"] == "passed", answer))
+    for by_problem in run.samples.values():
+        for pid in run.data_faults & by_problem.keys():
+            del by_problem[pid]
+    run.unanswered = sum(not s for by_problem in run.samples.values() for s in by_problem.values())
     return rows
 
 
@@ -138,9 +149,8 @@ def evaluate_model(spec: str, benchmarks: list[Benchmark], cfg: EvalConfig, quie
     label, model = model_label(spec)
     resolved = resolve_model(model)
     folder = Path(resolved.path) if Path(resolved.path).is_dir() else None
-    revision = weights_fingerprint(folder) if folder and any(folder.glob("*.safetensors")) else resolved.revision
-    recipe = _recipe(cfg, label, model, revision, benchmarks)
-    run = ModelRun(label, model, revision, recipe.run_dir)
+    recipe = _recipe(cfg, label, model, resolved.revision, benchmarks)  # the revision covers the weights
+    run = ModelRun(label, model, resolved.revision, recipe.run_dir)
     with PeakMemory() as memory:
         generated = generate(recipe, quiet=quiet)
     run.infra_errors = generated["infra_errors"]

@@ -5,6 +5,10 @@ samples. Its standard error is the sample standard deviation of the per-problem 
 reader sees when two models are within noise; a per-problem rate already averages the k samples, so problems, not
 samples, are the independent draws. cons@k is the majority vote: a problem counts as solved when its most frequent
 final answer (normalized as the weighting does) was judged correct.
+
+A problem without a scored sample (too long for the model, or its generation failed) counts as failed in every
+score, never leaves the denominator: models compared on a benchmark are scored on the same problems, so retention
+divides like by like. The caller reports how many each model left unanswered.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ class Score:
 
 
 def pass_at_1(problems: Sequence[Sequence[Sample]]) -> Score:
-    """Mean over problems of the fraction of their samples judged correct, with its standard error."""
-    rates = [sum(s.passed for s in samples) / len(samples) for samples in problems if samples]
+    """Mean over problems of the fraction of their samples judged correct (0 for a problem without samples)."""
+    rates = [sum(s.passed for s in samples) / len(samples) if samples else 0.0 for samples in problems]
     return _mean_with_stderr(rates)
 
 
@@ -53,12 +57,8 @@ def majority_vote(samples: Sequence[Sample]) -> Sample | None:
 
 def cons_at_k(problems: Sequence[Sequence[Sample]]) -> Score:
     """Share of problems whose majority answer is correct (a problem with no answer at all counts as wrong)."""
-    solved = []
-    for samples in problems:
-        if samples:
-            winner = majority_vote(samples)
-            solved.append(float(winner is not None and winner.passed))
-    return _mean_with_stderr(solved)
+    winners = [majority_vote(samples) for samples in problems]
+    return _mean_with_stderr([float(w is not None and w.passed) for w in winners])
 
 
 def _mean_with_stderr(values: Sequence[float]) -> Score:

@@ -42,21 +42,31 @@ def _scores(problems: list[list[Sample]], vote: bool) -> dict:
         "cons@k": _finite(cons.value) if cons else None,
         "cons@k_stderr": _finite(cons.stderr) if cons else None,
         "problems": p1.problems,
+        "unanswered": sum(not s for s in problems),
         "samples": sum(len(s) for s in problems),
     }
+
+
+def _problem_ids(benchmark: str, runs: list[ModelRun]) -> list[str]:
+    """The benchmark's problems as any model saw them: each model is scored on all of them, answered or not, except
+    those whose reference a verifier found unreadable for any model (a data fault), which no model is scored on."""
+    faults = set().union(*(run.data_faults for run in runs))
+    seen = dict.fromkeys(pid for run in runs for pid in run.samples.get(benchmark, {}))
+    return [pid for pid in seen if pid not in faults]
 
 
 def build_report(cfg: EvalConfig, benchmarks: list[Benchmark], runs: list[ModelRun], voting: set[str]) -> dict:
     names = [b.name for b in benchmarks] + ([ALL] if len(benchmarks) > 1 else [])
     results: dict[str, dict[str, dict]] = {name: {} for name in names}
+    ids = {b.name: _problem_ids(b.name, runs) for b in benchmarks}
+    vote = {b.name: any(run.domains.get(b.name) in voting for run in runs) for b in benchmarks}
     for run in runs:
+        answered = {b.name: [run.samples.get(b.name, {}).get(pid, []) for pid in ids[b.name]] for b in benchmarks}
         for b in benchmarks:
-            vote = run.domains.get(b.name) in voting
-            results[b.name][run.label] = _scores(list(run.samples[b.name].values()), vote)
+            results[b.name][run.label] = _scores(answered[b.name], vote[b.name])
         if ALL in results:
-            pooled = [s for b in benchmarks for s in run.samples[b.name].values()]
-            vote = all(run.domains.get(b.name) in voting for b in benchmarks)
-            results[ALL][run.label] = _scores(pooled, vote)
+            pooled = [s for b in benchmarks for s in answered[b.name]]
+            results[ALL][run.label] = _scores(pooled, all(vote.values()))
     reference = runs[0]
     for by_model in results.values():
         for scores in by_model.values():
@@ -97,7 +107,12 @@ def build_report(cfg: EvalConfig, benchmarks: list[Benchmark], runs: list[ModelR
             for r in runs[1:]
         },
         "incomplete": {
-            r.label: {"unscored_samples": r.unscored, "infra_errors": r.infra_errors, "unanswered": r.unanswered}
+            r.label: {
+                "unscored_samples": r.unscored,
+                "infra_errors": r.infra_errors,
+                "unanswered": r.unanswered,
+                "data_faults": len(r.data_faults),
+            }
             for r in runs
         },
         "needs_retry": [r.label for r in runs if r.unscored or r.infra_errors],
@@ -130,7 +145,8 @@ def markdown(report: dict, plots: list[str]) -> str:
         "",
         f"Protocol (DeepSeek-R1): {k} samples per problem at temperature {p['temperature']}, top_p {p['top_p']}, "
         f"at most {p['max_tokens']} new tokens, seed {p['seed']}, engine `{p['engine']}`. pass@1 is the mean over "
-        f"problems of the share of correct samples, ± its standard error; cons@{k} is the majority vote. "
+        f"problems of the share of correct samples, ± its standard error; cons@{k} is the majority vote. Every "
+        "model is scored on every problem: one it left unanswered (too long for it, or failed) counts as failed. "
         f"Retention, speed-up and memory reduction are relative to `{report['reference']}`.",
         "",
     ]
@@ -152,10 +168,11 @@ def markdown(report: dict, plots: list[str]) -> str:
                     _pm(s["cons@k"], s["cons@k_stderr"]) if s["cons@k"] is not None else "-",
                     _fmt(s["retention"], "pct"),
                     s["problems"],
+                    s["unanswered"],
                     s["samples"],
                 ]
             )
-    header = ["benchmark", "model", "pass@1", f"cons@{k}", "retention", "problems", "samples"]
+    header = ["benchmark", "model", "pass@1", f"cons@{k}", "retention", "problems", "unanswered", "samples"]
     lines += ["## Accuracy", "", markdown_table(header, rows), ""]
     rows = [
         [
@@ -196,7 +213,7 @@ def markdown(report: dict, plots: list[str]) -> str:
     if incomplete:
         lines += [
             f"**Incomplete**: `{json.dumps(incomplete)}`. Re-running the same command retries infrastructure errors; "
-            "problems too long for a model stay unanswered and out of its scores.",
+            "problems too long for a model stay unanswered and count as failed in its scores.",
             "",
         ]
     lines += [f"![{Path(plot).stem}]({plot})" for plot in plots]

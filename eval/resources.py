@@ -9,7 +9,6 @@ about what a model needs than any measured peak.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import threading
@@ -40,23 +39,6 @@ def parameter_count(folder: Path) -> int | None:
 def size_on_disk(folder: Path) -> int | None:
     files = weight_files(folder)
     return sum(p.stat().st_size for p in files) if files else None
-
-
-def weights_fingerprint(folder: Path) -> str:
-    """Identifies the weights, not just the config: a retrained student keeps its config.json but not its bytes.
-
-    Hashing whole files would read a large model at every evaluation; the size and three 1 MiB windows of each
-    file change whenever training touched the weights.
-    """
-    digest = hashlib.sha256()
-    for path in weight_files(folder):
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with path.open("rb") as f:
-            for offset in (0, size // 2, max(0, size - 2**20)):
-                f.seek(offset)
-                digest.update(f.read(2**20))
-    return digest.hexdigest()[:16]
 
 
 def kv_bytes_per_token(folder: Path, dtype: str) -> int | None:

@@ -7,6 +7,12 @@ Memory stays bounded whatever the number of rows: pass 1 streams the verified pa
 selection (pipeline/selection.py) into spill files, keeping per kept row only a sort key, its weight and where it
 lies; pass 2 routes rows into rank-range buckets of about 64 MB and writes the shards from them in order
 (pipeline/shards.py), normalizing the weight to mean 1 on the way. Same inputs and seed, same dataset.
+
+Every raw part must have a verified part judged under the build's verify settings: a `--no-verify` generate or an
+interrupted verify would otherwise leave problems out silently, and verdicts of old settings would mix in.
+The train/test split is decided per problem before selection, by a hash of its id: `test_problems.parquet` holds
+every test problem, solved by the teacher or not, so an evaluation on it is not limited to what the teacher solved;
+the `test` split holds the kept rows of those problems.
 """
 
 from __future__ import annotations
@@ -28,18 +34,118 @@ from rich.progress import track
 
 from pipeline.build_config import BuildConfig
 from pipeline.card import render_card
-from pipeline.parts import closed_parts, update_stats, write_atomic_bytes
+from pipeline.parts import _fsync_dir, closed_parts, update_stats, write_atomic_bytes
 from pipeline.records import DATASET_SCHEMA, fingerprint
 from pipeline.selection import Selector, category
-from pipeline.shards import ShardWriter, plan_shards, write_manifest
+from pipeline.shards import TEST_PROBLEMS, ShardWriter, file_entry, plan_shards, write_manifest
+from pipeline.weighting import pass_rate
 
 BUCKET_BYTES = 64 * 2**20  # rows of one rank range, sorted in memory before they go to the shard writer
 FLUSH_BYTES = 64 * 2**20  # rows routed to buckets are buffered up to this much before being written
 _EXCLUSION_SCHEMA = pa.schema([("problem_id", pa.string()), ("sample_index", pa.int32()), ("reason", pa.string())])
+# One row per test problem, whatever became of its samples: what an evaluation of the build answers.
+TEST_PROBLEMS_SCHEMA = pa.schema(
+    [
+        ("problem_id", pa.string()),
+        ("source", pa.string()),
+        ("domain", pa.string()),
+        ("prompt", pa.string()),
+        ("reference", pa.string()),
+        ("metadata", pa.string()),  # JSON
+        ("samples", pa.int32()),
+        ("teacher_pass_rate", pa.float64()),  # null when no sample was judged
+    ]
+)
+_SHOWN = 10  # part names listed in an error before "and N more"
 
 
 def _hash64(*parts: object) -> int:
     return int.from_bytes(hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest(), "big")
+
+
+def is_test(cfg: BuildConfig, problem_id: str) -> bool:
+    """The split of a problem, from its id alone: fixed before selection, whatever its samples' verdicts."""
+    return _hash64("split", cfg.seed, problem_id) / 2**64 < cfg.test_fraction
+
+
+def _names(parts: list[Path]) -> str:
+    more = f" and {len(parts) - _SHOWN} more" if len(parts) > _SHOWN else ""
+    return ", ".join(p.name for p in parts[:_SHOWN]) + more
+
+
+def verified_parts(run_dir: Path, verify_hash: str | None) -> list[Path]:
+    """The verified parts, once each raw part has one judged under `verify_hash` (None: one hash shared by all).
+
+    Refuses, naming the parts, rather than building from a partial or mixed `verified/`.
+    """
+    parts = closed_parts(run_dir / "verified")
+    if not parts:
+        raise RuntimeError(f"no verified parts in {run_dir / 'verified'}: run `distill verify {run_dir}` first")
+    names = {p.name for p in parts}
+    unverified = [p for p in closed_parts(run_dir / "raw") if p.name not in names]
+    if unverified:
+        raise RuntimeError(
+            f"{len(unverified)} raw part(s) of {run_dir} have no verified part ({_names(unverified)}; after "
+            f"`--no-verify` or an interrupted verify): run `distill verify {run_dir}` first"
+        )
+    hashes = {p: set(pq.read_table(p, columns=["verify_hash"]).column("verify_hash").to_pylist()) for p in parts}
+    expected = {verify_hash} if verify_hash is not None else set().union(*hashes.values())
+    if len(expected) > 1 or any(h != expected for h in hashes.values()):
+        stale = [p for p, h in hashes.items() if h != {verify_hash}] if verify_hash is not None else parts
+        wanted = f"this build's verify settings (hash {verify_hash})" if verify_hash is not None else "one another"
+        raise RuntimeError(
+            f"{len(stale)} verified part(s) of {run_dir} were judged under verify settings other than {wanted} "
+            f"({_names(stale)}): run `distill verify {run_dir}` with the same verify.* settings as the build first"
+        )
+    return parts
+
+
+def _previous(final: Path) -> Path:
+    return final.with_name(final.name + ".previous")
+
+
+def _recover(final: Path) -> None:
+    """Finish a swap a crash interrupted: the old dataset goes back to its name if the new one never got there."""
+    previous = _previous(final)
+    if previous.exists() and not final.exists():
+        os.replace(previous, final)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _swap_in(new: Path, final: Path) -> None:
+    """Old dataset aside, new one in, old one deleted: at every moment a complete dataset is on disk, and a failed
+    rename puts the old one back (a crash between the renames is undone by `_recover` on the next build)."""
+    previous = _previous(final)
+    if final.exists():
+        os.replace(final, previous)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        if previous.exists():
+            os.replace(previous, final)
+        raise
+    _fsync_dir(final.parent)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _test_problems(rows: list[dict], cfg: BuildConfig, seen: set[str]) -> list[dict]:
+    """One record per test problem of these rows not seen before (a problem's samples share a part)."""
+    by_problem: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["problem_id"] not in seen and is_test(cfg, r["problem_id"]):
+            by_problem.setdefault(r["problem_id"], []).append(r)
+    records = []
+    for pid, samples in by_problem.items():
+        seen.add(pid)
+        first = samples[0]
+        records.append(
+            {
+                **{k: first[k] for k in ("problem_id", "source", "domain", "prompt", "reference", "metadata")},
+                "samples": len(samples),
+                "teacher_pass_rate": pass_rate([s["status"] for s in samples]),
+            }
+        )
+    return records
 
 
 class _Kept:
@@ -52,7 +158,7 @@ class _Kept:
     def add(self, spill: int, rows: list[dict], cfg: BuildConfig) -> None:
         n = len(rows)
         keys = [_hash64(cfg.seed, r["problem_id"], r["sample_index"]) for r in rows]
-        test = [_hash64("split", cfg.seed, r["problem_id"]) / 2**64 < cfg.test_fraction for r in rows]
+        test = [is_test(cfg, r["problem_id"]) for r in rows]
         cats = [self.categories.setdefault(r["_category"], len(self.categories)) for r in rows]
         for name, values in (("key", keys), ("test", test), ("cat", cats), ("weight", [r["weight"] for r in rows])):
             self.columns[name].append(np.asarray(values, dtype={"key": np.uint64, "test": bool}.get(name)))
@@ -131,7 +237,14 @@ def _write_split(out: Path, work: Path, split: str, idx: np.ndarray, arrays, spi
     return writer.close()
 
 
+def _known(values: np.ndarray) -> np.ndarray:
+    """Values a server reported: a null (no usage figures from the endpoint) reads as NaN and is left out."""
+    values = values.astype(float)
+    return values[np.isfinite(values)]
+
+
 def _summary(values: np.ndarray) -> dict:
+    values = _known(values)
     if len(values) == 0:
         return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "max": 0.0}
     return {
@@ -143,6 +256,7 @@ def _summary(values: np.ndarray) -> dict:
 
 
 def _histogram(values: np.ndarray, bins: int = 30) -> dict:
+    values = _known(values)
     counts, edges = np.histogram(values, bins=bins) if len(values) else (np.zeros(0), np.zeros(1))
     return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
 
@@ -167,19 +281,29 @@ def _dataset_stats(out: Path, entries: list[dict], rows_in: int, drops: Counter,
         "splits": {split: sum(e["rows"] for e in entries if e["split"] == split) for split in _splits(entries)},
         "pass_rate_by_source": rate["source"],
         "pass_rate_by_domain": rate["domain"],
-        "tokens": {k: _summary(col[k].astype(float)) for k in ("completion_tokens", "prompt_tokens")},
+        "tokens": {k: _summary(col[k]) for k in ("completion_tokens", "prompt_tokens")},
         "histograms": {"completion_tokens": _histogram(col["completion_tokens"]), "weight": _histogram(col["weight"])},
     }
 
 
-def build(run_dir: Path, cfg: BuildConfig, base_dir: Path, recipe_yaml: str = "", quiet: bool = False) -> dict:
-    """Build RUN/dataset/ from RUN/verified/; returns the stats also written to the dataset and stats.json."""
+def build(
+    run_dir: Path,
+    cfg: BuildConfig,
+    base_dir: Path,
+    recipe_yaml: str = "",
+    quiet: bool = False,
+    verify_hash: str | None = None,
+) -> dict:
+    """Build RUN/dataset/ from RUN/verified/; returns the stats also written to the dataset and stats.json.
+
+    `verify_hash` is the fingerprint of the recipe's verify settings (pipeline.verify.verify_hash): every part must
+    have been judged under it. None, for verified parts made without a recipe, asks only that they agree.
+    """
     started = time.monotonic()
-    parts = closed_parts(run_dir / "verified")
-    if not parts:
-        raise RuntimeError(f"no verified parts in {run_dir / 'verified'}: run `distill verify {run_dir}` first")
     # Built beside the previous dataset and swapped in at the end: a failed build leaves the old one intact.
     final, out = run_dir / "dataset", run_dir / "dataset.partial"
+    _recover(final)
+    parts = verified_parts(run_dir, verify_hash)
     work = out / ".build"
     shutil.rmtree(out, ignore_errors=True)
     work.mkdir(parents=True)
@@ -190,15 +314,20 @@ def build(run_dir: Path, cfg: BuildConfig, base_dir: Path, recipe_yaml: str = ""
     teachers: set[str] = set()
     judged: dict[str, dict[str, list[int]]] = {"source": {}, "domain": {}}
     exclusions = pq.ParquetWriter(work / "exclusions.parquet", _EXCLUSION_SCHEMA)
+    test_problems = pq.ParquetWriter(work / TEST_PROBLEMS, TEST_PROBLEMS_SCHEMA) if cfg.test_fraction else None
+    test_seen: set[str] = set()
     for i, part in enumerate(track(parts, description="build", disable=quiet)):
         rows = pq.read_table(part).to_pylist()
         rows_in += len(rows)
+        if test_problems:  # before selection: a test problem is one whatever its samples' verdicts
+            records = _test_problems(rows, cfg, test_seen)
+            test_problems.write_table(pa.Table.from_pylist(records, schema=TEST_PROBLEMS_SCHEMA))
         teachers.update(r["teacher"] for r in rows)
         for r in rows:
             for kind in ("source", "domain"):
                 tally = judged[kind].setdefault(r[kind], [0, 0])
                 tally[0] += r["status"] == "passed"
-                tally[1] += r["status"] != "infra_error"
+                tally[1] += r["status"] in ("passed", "failed")  # infra errors and data faults judged nothing
         selected, dropped = [], []
         for row, reason in selector.select(rows):
             if reason is None:
@@ -214,6 +343,11 @@ def build(run_dir: Path, cfg: BuildConfig, base_dir: Path, recipe_yaml: str = ""
         pq.write_table(pa.Table.from_pylist(selected, schema=DATASET_SCHEMA), spill, compression="zstd")
         spills.append(spill)
     exclusions.close()
+    extra: dict = {"seed": cfg.seed}
+    if test_problems:
+        test_problems.close()
+        os.replace(work / TEST_PROBLEMS, out / TEST_PROBLEMS)
+        extra["test_problems"] = file_entry(out, TEST_PROBLEMS, len(test_seen))
     drops = selector.drops
     arrays = kept.arrays()
     mask = (
@@ -241,15 +375,15 @@ def build(run_dir: Path, cfg: BuildConfig, base_dir: Path, recipe_yaml: str = ""
             }
             for p in cfg.decontamination.eval_sets
         },
+        "test_problems": len(test_seen),
         "elapsed_s": time.monotonic() - started,
     }
     stats["rows_per_s"] = rows_in / stats["elapsed_s"]
     assert stats["kept"] + sum(drops.values()) == rows_in, "every row is kept or dropped with a reason"
     write_atomic_bytes(out / "stats.json", json.dumps(stats, indent=2).encode())
     render_card(out, stats, recipe_yaml)
-    write_manifest(out, entries, stats["recipe_hash"], extra={"seed": cfg.seed})  # last: its presence means done
+    write_manifest(out, entries, stats["recipe_hash"], extra=extra)  # last: its presence means done
     shutil.rmtree(work)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(out, final)
+    _swap_in(out, final)
     update_stats(run_dir, "build", {k: v for k, v in stats.items() if k != "histograms"})
     return stats

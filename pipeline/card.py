@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import yaml
 
 from pipeline.parts import write_atomic_bytes
@@ -140,6 +141,29 @@ def front_matter(dataset_dir: Path, stats: dict) -> dict:
     }
 
 
+_ENTROPY_SOURCES = {
+    "processed_logprobs": "the distribution each token was sampled from (vLLM's processed_logprobs: temperature "
+    "and top-p applied)",
+    "endpoint": "the logprobs the teacher's endpoint returned: for a default `vllm serve`, raw_logprobs, the model's "
+    "distribution before temperature and top-p (`--logprobs-mode processed_logprobs` gives the sampled one)",
+}
+_UNRECORDED = "not recorded (older rows; vLLM's default then: raw logprobs, before temperature and top-p)"
+
+
+def entropy_note(dataset_dir: Path) -> str:
+    """Say which distribution `mean_token_entropy` (and so `weight`) was measured on, from the rows' provenance."""
+    modes: set[str] = set()
+    for shard in sorted((Path(dataset_dir) / "data").glob("*.parquet")):
+        if "sampling" not in pq.read_schema(shard).names:  # a table made outside `distill build`
+            modes.add(None)
+            continue
+        for value in pq.read_table(shard, columns=["sampling"]).column("sampling").unique().to_pylist():
+            modes.add(json.loads(value).get("logprobs_mode") if value else None)
+    sources = "; ".join(sorted(_ENTROPY_SOURCES.get(m, _UNRECORDED) for m in modes)) or "no rows"
+    what = "`mean_token_entropy`, and the `weight` made from it, is the entropy of the top-k distribution"
+    return f"{what} of {sources}."
+
+
 def render_card(dataset_dir: Path, stats: dict, recipe_yaml: str) -> Path:
     dataset_dir = Path(dataset_dir)
     meta = front_matter(dataset_dir, stats)
@@ -152,6 +176,7 @@ def render_card(dataset_dir: Path, stats: dict, recipe_yaml: str) -> Path:
         f"Reasoning traces distilled from the teacher `{stats.get('teacher', 'unknown')}` over the {domains} "
         f"domain(s) with `distill`: completions were verified, filtered, deduplicated and decontaminated, keeping "
         f"{stats.get('kept', 0)} of {stats.get('rows_in', 0)} rows. Recipe hash `{stats.get('recipe_hash', '')}`.",
+        entropy_note(dataset_dir),
     ]
     for title, header, rows in card_tables(stats):
         parts.append(f"## {title}\n\n" + (markdown_table(header, rows) if rows else "_none_"))

@@ -301,12 +301,14 @@ def _dataset_command(args) -> int:
 
     from pipeline.build import build
     from pipeline.config import load_recipe
+    from pipeline.verify import verify_hash
 
     run_folder = args.target.is_dir()
     recipe = load_recipe(args.target / "recipe.yaml" if run_folder else args.target, args.overrides)
     run_dir = args.target if run_folder else recipe.run_dir
     recipe_yaml = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-    stats = build(run_dir, recipe.build, Path(recipe.base_dir), recipe_yaml, quiet=args.quiet)
+    vhash = verify_hash(recipe.verify)  # the verdicts must be the recipe's: refused when verified otherwise
+    stats = build(run_dir, recipe.build, Path(recipe.base_dir), recipe_yaml, quiet=args.quiet, verify_hash=vhash)
     if not args.quiet:
         from pipeline.card import print_stats
 

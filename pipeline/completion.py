@@ -23,20 +23,29 @@ class Completion:
     completion_tokens: int | None
     mean_token_entropy: float | None = None
     reasoning_field: str | None = None  # the engine's own reasoning output (vLLM reasoning parser), when present
+    think_opened: bool = False  # the rendered prompt ended with <think>: the chat template opened the block
 
 
-def split_reasoning(text: str, reasoning_field: str | None = None) -> tuple[str, str]:
-    """(reasoning, answer): the engine's reasoning field if it gave one, else an inline <think>...</think> block.
+def split_reasoning(text: str, reasoning_field: str | None = None, think_opened: bool = False) -> tuple[str, str]:
+    """(reasoning, answer): only the text after the think block is the answer, so a tentative answer inside the
+    thinking is never judged as the model's conclusion.
 
-    A completion whose template opened the think block carries only the closing tag; text without tags is all
-    answer. Malformed blocks are left for the verify stage's filters to judge, not repaired here.
+    The engine's reasoning field wins when it gave one. Otherwise the block ends at the last closing tag; a completion
+    that opened a block and never closed it (a truncated trace) has no answer at all. The block is opened either by a
+    `<think>` in the text or by the chat template itself (`think_opened`: the prompt ended with `<think>`, so the text
+    carries only the closing tag). Text without tags from a prompt that opened nothing is all answer. Malformed blocks
+    are left for the verify stage's filters to judge, not repaired here.
     """
     if reasoning_field:
         return reasoning_field.strip(), text.strip()
-    if THINK_CLOSE in text:
-        head, _, tail = text.partition(THINK_CLOSE)
+    head, close, tail = text.rpartition(THINK_CLOSE)
+    if close and THINK_OPEN not in tail:
         reasoning = head.split(THINK_OPEN, 1)[1] if THINK_OPEN in head else head
         return reasoning.strip(), tail.strip()
+    if THINK_OPEN in text:  # opened (or opened again after the last close) and never closed
+        return text.replace(THINK_OPEN, "", 1).strip(), ""
+    if think_opened:
+        return text.strip(), ""
     return "", text.strip()
 
 

@@ -6,11 +6,12 @@ rather than a setting silently ignored for a multi-hour run.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_serializer, model_validator
 
 from pipeline.build_config import BuildConfig
 from pipeline.config_base import Strict
@@ -82,12 +83,35 @@ class SamplingConfig(Strict):
     )
 
 
+DEFAULT_KEY_ENV = "OPENAI_API_KEY"
+NO_KEY = "EMPTY"  # what the openai client sends to servers that need no key (a local vLLM)
+
+
+class EndpointConfig(Strict):
+    """One OpenAI-compatible endpoint whose key lives in its own environment variable."""
+
+    url: str = Field(description="base URL, e.g. http://host:8000/v1")
+    api_key_env: str = Field(description="environment variable holding this endpoint's key; it must be set")
+
+
 class TeacherConfig(Strict):
     backend: Literal["vllm", "openai", "vllm-server"] = Field("vllm", description="how completions are produced")
     model: str = Field("smollm2-135m-instruct", description="model folder, hub-cache name, or embedded alias")
     revision: str | None = Field(None, description="recorded on every row; default: read from the model folder")
-    endpoints: list[str] = Field(default_factory=list, description="openai: base URLs, e.g. http://host:8000/v1")
-    api_key: str = Field("EMPTY", description="openai: key sent to the endpoints")
+    endpoints: list[str | EndpointConfig] = Field(
+        default_factory=list,
+        description="openai: base URLs (http://host:8000/v1), or {url, api_key_env} for an endpoint with its own key",
+    )
+    api_key_env: str | None = Field(
+        None,
+        description=f"openai: environment variable holding the key of every endpoint without its own; default "
+        f"{DEFAULT_KEY_ENV}, or no key ({NO_KEY}) when that is unset. A variable named here must be set",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="openai: a key written in the recipe (prefer api_key_env); used where no endpoint variable is "
+        "set, and never saved: recipe.yaml, hashes and the card get null",
+    )
     concurrency: int = Field(64, ge=1, description="requests in flight at once (openai, vllm-server)")
     request_timeout_s: float | None = Field(
         None, gt=0, description="per request; default: from max_tokens at a floor of 1 token/s per sequence"
@@ -111,6 +135,29 @@ class TeacherConfig(Strict):
         if self.backend == "openai" and not self.endpoints:
             raise ValueError("backend 'openai' needs at least one URL in teacher.endpoints")
         return self
+
+    @field_serializer("api_key", when_used="json")
+    def _never_save_the_key(self, key: SecretStr | None) -> None:
+        """Saved and printed recipes lose the key; in-memory copies (model_copy, python dumps) keep a SecretStr."""
+        return None
+
+    def endpoint_keys(self) -> list[tuple[str, str]]:
+        """(url, key) per endpoint, keys read now from the environment: an endpoint's own variable, else the
+        recipe's api_key, else teacher.api_key_env (default OPENAI_API_KEY, or no key when that is unset)."""
+        resolved = []
+        for endpoint in self.endpoints:
+            if isinstance(endpoint, EndpointConfig):
+                resolved.append((endpoint.url, _env_key(endpoint.api_key_env, f"teacher endpoint {endpoint.url}")))
+            elif self.api_key is not None:
+                resolved.append((endpoint, self.api_key.get_secret_value()))
+            elif self.api_key_env is not None:
+                resolved.append((endpoint, _env_key(self.api_key_env, "teacher.api_key_env")))
+            else:
+                resolved.append((endpoint, os.environ.get(DEFAULT_KEY_ENV) or NO_KEY))
+        return resolved
+
+    def urls(self) -> list[str]:
+        return [e.url if isinstance(e, EndpointConfig) else e for e in self.endpoints]
 
 
 class OutputConfig(Strict):
@@ -142,6 +189,13 @@ class Recipe(Strict):
 
 class RecipeError(ValueError):
     """An invalid recipe; the message names the recipe field (or override) at fault."""
+
+
+def _env_key(variable: str, field: str) -> str:
+    key = os.environ.get(variable)
+    if not key:
+        raise RecipeError(f"{field}: environment variable {variable} is not set; export it with the endpoint's key")
+    return key
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -4,9 +4,11 @@
     distill generate recipes/demo.yaml sampling.n=4    # any recipe field can be overridden as FIELD=VALUE
     distill generate my.yaml teacher.backend=openai 'teacher.endpoints=[http://127.0.0.1:8000/v1]'
 
-Re-running a run skips the problems already in closed parts, so a crashed or killed run resumes where it stopped,
-and a finished run re-run makes zero teacher calls. A run folder remembers its fingerprint (teacher and revision,
-templates, sampling): resuming with different settings is refused rather than mixing rows of two settings.
+Re-running a run skips the problems already in closed parts (and those the teacher rejected as too long for its
+context, kept in RUN/too_long/), so a crashed or killed run resumes where it stopped, and a finished run re-run
+makes zero teacher calls. A run folder remembers its fingerprint (teacher and revision, templates, sampling, and
+with logprobs which distribution they come from): resuming with different settings is refused rather than mixing
+rows of two settings.
 """
 
 from __future__ import annotations
@@ -21,15 +23,23 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.completion import split_reasoning
+from pipeline.completion import THINK_CLOSE, THINK_OPEN, split_reasoning
 from pipeline.config import Recipe, RecipeError
 from pipeline.models import ResolvedModel, resolve_model
-from pipeline.parts import PartWriter, RunLock, read_ledger, update_stats, write_atomic_bytes
+from pipeline.parts import (
+    TOO_LONG_DIR,
+    TOO_LONG_SCHEMA,
+    PartWriter,
+    RunLock,
+    read_ledger,
+    update_stats,
+    write_atomic_bytes,
+)
 from pipeline.progress import GenerationProgress
 from pipeline.records import Problem, fingerprint
 from pipeline.render import Renderer
-from pipeline.sources import load_problems
-from pipeline.teacher.base import Teacher, TeacherRequest, TeacherResult
+from pipeline.sources import changed_problems, load_problems
+from pipeline.teacher.base import Teacher, TeacherRequest, TeacherResult, logprobs_mode
 
 
 def make_teacher(recipe: Recipe, model: ResolvedModel) -> Teacher:
@@ -68,7 +78,10 @@ def _rows(problem: Problem, messages, result: TeacherResult, provenance: dict) -
     now = datetime.now(timezone.utc)
     rows = []
     for c in result.completions:
-        reasoning, answer = split_reasoning(c.text, c.reasoning_field)
+        reasoning, answer = split_reasoning(c.text, c.reasoning_field, c.think_opened)
+        # A server's reasoning parser returns the thinking apart from the content: `completion` still holds all of
+        # it, in the dataset's assistant format, so the filters (repetition, paragraphs) judge the reasoning too.
+        text = f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{answer}" if c.reasoning_field else c.text
         rows.append(
             {
                 "problem_id": problem.id,
@@ -79,7 +92,7 @@ def _rows(problem: Problem, messages, result: TeacherResult, provenance: dict) -
                 "reference": problem.reference,
                 "metadata": json.dumps(problem.metadata, default=str),
                 "messages": json.dumps(messages),
-                "completion": c.text,
+                "completion": text,
                 "reasoning": reasoning,
                 "answer": answer,
                 "finish_reason": c.finish_reason,
@@ -94,6 +107,17 @@ def _rows(problem: Problem, messages, result: TeacherResult, provenance: dict) -
     return rows
 
 
+def _too_long_row(problem: Problem, result: TeacherResult, config_hash: str) -> dict:
+    return {
+        "problem_id": problem.id,
+        "source": problem.source,
+        "prompt_tokens": result.prompt_tokens,
+        "error": result.error,
+        "config_hash": config_hash,
+        "created_at": datetime.now(timezone.utc),
+    }
+
+
 def generate(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None) -> dict:
     """Run (or resume) one generation run; returns the stats also written to RUN/stats.json."""
     started = time.monotonic()
@@ -105,17 +129,27 @@ def generate(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None
         renderer = Renderer(recipe.templates, recipe.system_prompt, Path(recipe.base_dir))
         model = resolve_model(recipe.teacher.model, recipe.teacher.revision)
         sampling = recipe.sampling.model_dump()
+        entropy_from = logprobs_mode(recipe.teacher.backend)
         settings = {
             "teacher": model.name,
             "teacher_revision": model.revision,
             "templates_hash": renderer.templates_hash({p.domain for p in problems}),
             "sampling": sampling,
         }
+        if recipe.sampling.logprobs:  # rows whose entropies come from two distributions must not mix
+            settings["logprobs_mode"] = entropy_from
         config_hash = _check_fingerprint(run_dir, settings)
         resolved = recipe.model_dump(mode="json") | {"base_dir": str(Path(recipe.base_dir).resolve())}
         write_atomic_bytes(run_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
         done = read_ledger(run_dir / "raw")
-        todo = [p for p in problems if p.id not in done]
+        changed = changed_problems(run_dir / "raw", [p for p in problems if p.id in done])
+        if changed:  # an edited row that kept its id: its old rows answer another problem
+            raise RecipeError(
+                f"run {run_dir}: problem(s) {', '.join(changed[:10])} changed since they were generated (same id, "
+                "other prompt, reference, domain or metadata); use a new run name or delete the folder"
+            )
+        too_long_before = read_ledger(run_dir / TOO_LONG_DIR)  # final: never sent again
+        todo = [p for p in problems if p.id not in done and p.id not in too_long_before]
         by_id = {p.id: p for p in todo}
         messages = {p.id: renderer.messages(p) for p in todo}
         counts: Counter[str] = Counter()
@@ -128,12 +162,18 @@ def generate(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None
             writer = stack.enter_context(
                 PartWriter(run_dir / "raw", recipe.output.part_rows, recipe.output.part_seconds)
             )
+            too_long = stack.enter_context(
+                PartWriter(
+                    run_dir / TOO_LONG_DIR, recipe.output.part_rows, recipe.output.part_seconds, TOO_LONG_SCHEMA
+                )
+            )
             provenance = {
                 "teacher": model.name,
                 "teacher_revision": model.revision,
                 "engine": teacher.engine if teacher else "",
                 "engine_version": teacher.engine_version if teacher else "",
-                "sampling": json.dumps(sampling, sort_keys=True),
+                # With the distribution mean_token_entropy was measured on (see teacher.base.logprobs_mode).
+                "sampling": json.dumps(sampling | {"logprobs_mode": entropy_from}, sort_keys=True),
                 "sampling_hash": fingerprint(sampling),
                 "entropy_top_k": recipe.sampling.logprobs or None,
                 "config_hash": config_hash,
@@ -144,6 +184,8 @@ def generate(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None
                 if result.error_kind:
                     counts[result.error_kind] += 1
                     failures.append({"problem_id": problem.id, "kind": result.error_kind, "error": result.error})
+                    if result.error_kind == "rejected_too_long":
+                        too_long.add([_too_long_row(problem, result, config_hash)])
                     continue
                 template_hash = renderer.template(problem.domain).hash
                 rows = _rows(problem, messages[problem.id], result, provenance | {"template_hash": template_hash})
@@ -169,7 +211,8 @@ def generate(recipe: Recipe, quiet: bool = False, teacher: Teacher | None = None
             "generation_s": generation_s,
             "elapsed_s": elapsed,
             "rejected_rows": len(rejects),
-            "rejected_too_long": counts["rejected_too_long"] + counts["rejected"],
+            "rejected_too_long": counts["rejected_too_long"],
+            "rejected_too_long_total": counts["rejected_too_long"] + sum(p.id in too_long_before for p in problems),
             "infra_errors": counts["infra_error"],
             "failures": failures,
             "retries": dict(teacher.counters) if teacher else {},

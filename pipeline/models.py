@@ -75,14 +75,31 @@ def prepare_embedded(force: bool = False) -> Path:
     return target
 
 
+def folder_fingerprint(folder: Path) -> str:
+    """Identifies what is in a model folder now: the name, size and modification time of each file at its top.
+
+    Retrained weights keep their config.json, their tensor names and shapes (so the safetensors headers and sizes),
+    and a fine-tune may change only some tensors (a LoRA merged into the attention projections), which sampled byte
+    windows miss. Every save rewrites its files, so their modification times change; a stat per file costs nothing
+    for a 70B teacher, where hashing the bytes would read 140 GB at every run. A copy of an unchanged folder looks
+    new and is generated or evaluated again: wasted work, never two models mixed. Subfolders (checkpoints) are not
+    the model and are left out.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.name}\x1f{stat.st_size}\x1f{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def _folder_revision(folder: Path) -> str:
+    """The embedded teacher's converted folder names its source GGUF; any other folder is fingerprinted as is."""
     info = folder / _INFO_FILE
     if info.exists():
         return json.loads(info.read_text())["revision"]
-    config = folder / "config.json"
-    if not config.exists():
+    if not (folder / "config.json").exists():
         raise FileNotFoundError(f"model folder {folder} has no config.json")
-    return "config-" + hashlib.sha256(config.read_bytes()).hexdigest()[:12]
+    return "files-" + folder_fingerprint(folder)
 
 
 def resolve_model(name: str, revision: str | None = None) -> ResolvedModel:

@@ -4,6 +4,8 @@ A Parquet file has its footer only after close(); a writer killed before that le
 readers of the whole folder. So a part is written whole under a temporary name, fsynced, checked with
 `pyarrow.parquet.read_metadata`, then renamed (atomic on POSIX). On restart, the problem ids in closed parts are done;
 temporary leftovers are removed and their problems redone. Completions of one problem always share a part.
+A problem the teacher rejected as too long for its context is final too: it goes to parts of its own
+(RUN/too_long/, never read as completions), which the ledger reads as well, so a resume does not send it again.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import fcntl
 import json
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +24,18 @@ import pyarrow.parquet as pq
 from pipeline.records import RAW_SCHEMA
 
 PART_GLOB = "part-*.parquet"
+TOO_LONG_DIR = "too_long"  # beside raw/, not in it: readers of raw/ see completions only
+# One row per problem the teacher refused as longer than its context (no completion exists for it).
+TOO_LONG_SCHEMA = pa.schema(
+    [
+        ("problem_id", pa.string()),
+        ("source", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("error", pa.string()),
+        ("config_hash", pa.string()),
+        ("created_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
 _PART_RE = re.compile(r"part-(\d+)\.parquet$")
 
 
@@ -77,7 +92,11 @@ def read_ledger(folder: Path) -> set[str]:
 
 
 class PartWriter:
-    """Buffers whole problems' rows and closes a part every `max_rows` rows or `max_seconds` seconds."""
+    """Buffers whole problems' rows and closes a part every `max_rows` rows or `max_seconds` seconds.
+
+    The seconds are kept by a background thread, not checked only when rows arrive: while a slow teacher returns
+    nothing for minutes, the rows already finished still reach a closed part `max_seconds` after the first of them.
+    """
 
     def __init__(self, folder: Path, max_rows: int, max_seconds: float, schema: pa.Schema = RAW_SCHEMA):
         self.folder = Path(folder)
@@ -89,35 +108,57 @@ class PartWriter:
         self._opened_at = time.monotonic()
         self.parts_written = 0
         self.rows_written = 0
+        self._lock = threading.RLock()
+        self._closed = threading.Event()
+        self._timer_failed = False  # then the next add (its part is due) or close flushes, and raises, here
+        self._timer = threading.Thread(target=self._flush_when_due, name=f"parts-{self.folder.name}", daemon=True)
+        self._timer.start()
 
     def add(self, rows: list[dict]) -> None:
-        if not self._rows:
-            self._opened_at = time.monotonic()
-        self._rows.extend(rows)
-        if len(self._rows) >= self.max_rows or time.monotonic() - self._opened_at >= self.max_seconds:
-            self.flush()
+        with self._lock:
+            if not self._rows:
+                self._opened_at = time.monotonic()
+            self._rows.extend(rows)
+            if len(self._rows) >= self.max_rows or self.due():
+                self.flush()
 
     def due(self) -> bool:
-        """True when the open part has waited `max_seconds`; callers that idle can flush on it."""
+        """True when the open part has waited `max_seconds`."""
         return bool(self._rows) and time.monotonic() - self._opened_at >= self.max_seconds
 
     def flush(self) -> Path | None:
-        if not self._rows:
-            return None
-        final = self.folder / f"part-{self._next_index:05d}.parquet"
-        table = pa.Table.from_pylist(self._rows, schema=self.schema)
-        write_table_atomic(table, final)
-        self._next_index += 1
-        self.parts_written += 1
-        self.rows_written += table.num_rows
-        self._rows = []
-        return final
+        with self._lock:
+            if not self._rows:
+                return None
+            final = self.folder / f"part-{self._next_index:05d}.parquet"
+            table = pa.Table.from_pylist(self._rows, schema=self.schema)
+            write_table_atomic(table, final)
+            self._next_index += 1
+            self.parts_written += 1
+            self.rows_written += table.num_rows
+            self._rows = []
+            return final
+
+    def _flush_when_due(self) -> None:
+        while not self._closed.wait(min(1.0, self.max_seconds / 4)):
+            with self._lock:
+                if not self._timer_failed and self.due():
+                    try:
+                        self.flush()
+                    except Exception:  # e.g. a full disk: the rows stay buffered for the caller's thread to retry
+                        self._timer_failed = True
+
+    def close(self) -> None:
+        """Stop the timer and close the open part: rows of finished problems are kept on Ctrl-C or error too."""
+        self._closed.set()
+        self._timer.join()
+        self.flush()
 
     def __enter__(self) -> PartWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.flush()  # rows of finished problems are kept on Ctrl-C or error too
+        self.close()
 
 
 class RunLock:

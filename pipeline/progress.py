@@ -59,7 +59,10 @@ class GenerationProgress:
             ("generated tokens", stats["completion_tokens"]),
             ("tokens/s", f"{stats['tokens_per_s']:.1f}"),
             ("rejected rows (rejects.jsonl)", stats["rejected_rows"]),
-            ("too long for the context", stats["rejected_too_long"]),
+            (
+                "too long for the context (now / in run)",
+                f"{stats['rejected_too_long']} / {stats['rejected_too_long_total']}",
+            ),
             ("infrastructure errors (retried next run)", stats["infra_errors"]),
             ("request retries", stats["retries"].get("retries", 0)),
             ("parts written", stats["parts_written"]),

@@ -23,6 +23,8 @@ def publish_files(dataset_dir: Path) -> list[str]:
     dataset_dir = Path(dataset_dir)
     manifest = json.loads((dataset_dir / MANIFEST).read_text())
     files = {entry["file"] for entry in manifest["shards"]} | {README, MANIFEST, STATS}
+    if manifest.get("test_problems"):  # every test problem, solved or not: what `distill eval` scores a build on
+        files.add(manifest["test_problems"]["file"])
     files |= {p.relative_to(dataset_dir).as_posix() for p in (dataset_dir / PLOTS_DIR).glob("*.png")}
     return sorted(files)
 

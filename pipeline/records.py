@@ -73,7 +73,7 @@ RAW_SCHEMA = pa.schema(
 # Added by `distill verify`: the verdict, why, and which quality filters the completion failed.
 VERDICT_FIELDS = [
     pa.field("verifier", pa.string()),
-    pa.field("status", pa.string()),  # passed | failed | infra_error
+    pa.field("status", pa.string()),  # passed | failed | infra_error (retried next run) | data_fault (final)
     pa.field("passed", pa.bool_()),
     pa.field("reason", pa.string()),
     pa.field("verdict_detail", pa.string()),  # JSON

@@ -7,8 +7,11 @@ Each stage records its state in RUN/stages/STAGE.json with the hash of its input
 hashes of the stages before it. A stage marked done with the same hash is skipped; any other is run, and the stages
 resume their own partial work (generate keeps its closed parts, sft its checkpoints, eval its generations). So a
 run stopped anywhere, by Ctrl-C or a crash, is resumed by running the same command, and changing a section re-runs
-that stage and everything after it. A student folder trained under other inputs is moved aside, never resumed from
-and never deleted. Every decision is a line of RUN/run.log.
+that stage and everything after it. The generate stage's inputs are resolved (the problems' content, the template
+texts, the teacher's revision); when they differ from the generation in RUN, the whole run goes to a new folder
+RUN-HASH named by them and RUN is kept untouched, since its rows answer other problems or settings. A student folder
+trained under other inputs is moved aside, never resumed from and never deleted. Every decision is a line of
+RUN/run.log.
 """
 
 from __future__ import annotations
@@ -130,16 +133,32 @@ class StageLog:
             f.write(line + "\n")
 
 
-def _stage_hashes(recipe: RunRecipe) -> dict[str, str]:
+def _generate_inputs(recipe: RunRecipe) -> dict[str, Any]:
+    """What the teacher's rows depend on, resolved: the problems' content (an edited file row keeps its id), the
+    template texts, and the teacher's revision (retrained weights keep their folder and config.json)."""
+    from pipeline.models import resolve_model
+    from pipeline.render import Renderer
+    from pipeline.sources import load_problems, problems_digest
+    from pipeline.teacher.base import logprobs_mode
+
+    problems, _ = load_problems(recipe.sources, Path(recipe.base_dir))
+    renderer = Renderer(recipe.templates, recipe.system_prompt, Path(recipe.base_dir))
+    teacher = resolve_model(recipe.teacher.model, recipe.teacher.revision)
+    return {
+        "sources": [s.model_dump(mode="json") for s in recipe.sources],
+        "problems": problems_digest(problems),
+        "templates": renderer.templates_hash({p.domain for p in problems}),
+        "sampling": recipe.sampling.model_dump(),
+        # What the teacher is, not how it is served: more concurrency must not retrain the student.
+        "teacher": {"model": recipe.teacher.model, "revision": teacher.revision},
+        # Entropies measured on two distributions must not share a run (as generate's own fingerprint says).
+        "logprobs_mode": logprobs_mode(recipe.teacher.backend) if recipe.sampling.logprobs else None,
+    }
+
+
+def _stage_hashes(recipe: RunRecipe, generate_inputs: dict[str, Any] | None = None) -> dict[str, str]:
     sections = {
-        "generate": {
-            "sources": [s.model_dump(mode="json") for s in recipe.sources],
-            "templates": recipe.templates,
-            "system_prompt": recipe.system_prompt,
-            "sampling": recipe.sampling.model_dump(),
-            # What the teacher is, not how it is served: more concurrency must not retrain the student.
-            "teacher": {"model": recipe.teacher.model, "revision": recipe.teacher.revision},
-        },
+        "generate": generate_inputs if generate_inputs is not None else _generate_inputs(recipe),
         "verify": verify_hash(recipe.verify),
         "build": recipe.build.model_dump(),
         "student": recipe.student.model_dump() if recipe.student else None,
@@ -185,7 +204,8 @@ def _run_stage(stage: str, recipe: RunRecipe, quiet: bool) -> str | None:
         from pipeline.build import build
 
         recipe_yaml = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-        stats = build(recipe.run_dir, recipe.build, Path(recipe.base_dir), recipe_yaml, quiet=quiet)
+        vhash = verify_hash(recipe.verify)
+        stats = build(recipe.run_dir, recipe.build, Path(recipe.base_dir), recipe_yaml, quiet=quiet, verify_hash=vhash)
         return None if stats["kept"] else "no row was kept: nothing to train on (see build_exclusions.parquet)"
     if stage == "student":
         from sft.prune import prune_layers
@@ -217,13 +237,34 @@ def _set_aside(stage: str, recipe: RunRecipe, old_hash: str, log: StageLog) -> N
         log(stage, f"inputs changed since {folder} was made: moved it to {aside}")
 
 
+def _run_folder(recipe: RunRecipe, generate_hash: str) -> tuple[RunRecipe, str | None]:
+    """The recipe's own folder, unless it holds a generation of other inputs: rows of two settings never share a
+    folder, and the old one is kept whole, so this recipe goes to RUNS_DIR/NAME-HASH (HASH: its generate inputs).
+    Returns the recipe to run and, when it moved, why."""
+    state_file = recipe.run_dir / "stages" / "generate.json"
+    if not state_file.exists():
+        return recipe, None
+    previous = json.loads(state_file.read_text())["hash"]
+    if previous == generate_hash:
+        return recipe, None
+    moved = recipe.model_copy(update={"name": f"{recipe.name}-{generate_hash[:8]}"})
+    return moved, (
+        f"{recipe.run_dir} holds a generation of other inputs (generate hash {previous}; this recipe's is "
+        f"{generate_hash}): it is kept as it is, and this recipe runs in {moved.run_dir}"
+    )
+
+
 def run(recipe: RunRecipe, quiet: bool = False) -> int:
     """Run or resume every stage; 0 when all are done, 3 when infrastructure errors need a re-run."""
     run_started = time.monotonic()
+    generate_inputs = _generate_inputs(recipe)
+    recipe, moved = _run_folder(recipe, _stage_hashes(recipe, generate_inputs)["generate"])
     log = StageLog(recipe.run_dir)
+    if moved:
+        log("run", moved)
     states = recipe.run_dir / "stages"
     states.mkdir(parents=True, exist_ok=True)
-    hashes = _stage_hashes(recipe)
+    hashes = _stage_hashes(recipe, generate_inputs)
     log("run", f"recipe {recipe.name}: stages {' -> '.join(_stages(recipe))}")
     for stage in _stages(recipe):
         state_file = states / f"{stage}.json"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.build_config import BuildConfig
 from pipeline.dedup import Decontaminator, ExactDedup, NearDuplicatePrompts, load_eval_texts
-from pipeline.weighting import answer_agreement, combine, normalized_entropy, pass_rate, sample_weight
+from pipeline.weighting import combine, normalized_entropy, pass_rate, problem_agreement, sample_weight
 
 THINK_TEMPLATE = "<think>\n{reasoning}\n</think>\n\n{answer}"
 
@@ -30,7 +30,14 @@ def _extracted(row: dict) -> str | None:
     return json.loads(row.get("verdict_detail") or "{}").get("extracted")
 
 
-def training_row(row: dict, rate: float | None, agreement: float, weight: float) -> dict:
+def _not_passed(row: dict) -> str:
+    """The drop reason of a row without a pass; a data fault names its reason, so the card counts each kind."""
+    if row["status"] == "data_fault":
+        return f"data_fault:{row['verifier']}:{row['reason']}"
+    return "infra_error" if row["status"] == "infra_error" else "not_passed"
+
+
+def training_row(row: dict, rate: float | None, agreement: float | None, weight: float) -> dict:
     prompt_turns = json.loads(row["messages"]) if row.get("messages") else [{"role": "user", "content": row["prompt"]}]
     assistant = THINK_TEMPLATE.format(reasoning=row["reasoning"].strip(), answer=row["answer"].strip())
     return {
@@ -72,11 +79,11 @@ class Selector:
 
     def _problem(self, samples: list[dict]) -> Iterator[tuple[dict, str | None]]:
         rate = pass_rate([s["status"] for s in samples])
-        agreement = answer_agreement([_extracted(s) for s in samples])
+        agreement = problem_agreement(samples[0]["domain"], [_extracted(s) for s in samples])
         candidates = []
         for s in samples:
             if s["status"] != "passed":
-                yield self._drop(s, "infra_error" if s["status"] == "infra_error" else "not_passed")
+                yield self._drop(s, _not_passed(s))
             elif s["failed_filters"]:
                 yield self._drop(s, f"failed_filter:{s['failed_filters'][0]}")
             else:

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from pipeline.parts import _fsync_dir, write_atomic_bytes, write_table_atomic
 
 MANIFEST = "manifest.json"
+TEST_PROBLEMS = "test_problems.parquet"  # every test problem of a build, solved or not (beside data/, not a split)
 _ENTRY_KEYS = {"split", "file", "rows", "bytes", "sha256"}
 _SPLIT_RE = re.compile(r"\w+")  # the split names `datasets` accepts in file names
 
@@ -158,6 +159,12 @@ class ShardWriter:
         return self.entries
 
 
+def file_entry(dataset_dir: Path, name: str, rows: int) -> dict:
+    """Manifest entry of a file beside the shards (the test problems): checked like a shard by `check_dataset`."""
+    path = Path(dataset_dir) / name
+    return {"file": name, "rows": rows, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
 def write_manifest(dataset_dir: Path, entries: list[dict], recipe_hash: str, extra: dict | None = None) -> Path:
     """The last step of a build: its presence is what marks the folder finished, so it never lists a missing file."""
     dataset_dir = Path(dataset_dir)
@@ -210,6 +217,15 @@ def check_dataset(dataset_dir: Path) -> list[str]:
             problems.append(f"{name}: {meta.num_rows} rows, manifest says {entry['rows']}")
         if meta.schema.to_arrow_schema().to_string(show_schema_metadata=False) != manifest.get("schema"):
             problems.append(f"{name}: schema differs from the manifest's")
+    extra = manifest.get("test_problems")
+    if extra is not None:
+        path = dataset_dir / extra["file"]
+        if not path.is_file():
+            problems.append(f"{extra['file']}: listed in the manifest but missing")
+        elif path.stat().st_size != extra["bytes"] or _sha256(path) != extra["sha256"]:
+            problems.append(f"{extra['file']}: size or sha256 differs from the manifest's")
+        elif pq.read_metadata(path).num_rows != extra["rows"]:
+            problems.append(f"{extra['file']}: row count differs from the manifest's")
     listed = {entry["file"] for entry in shards}
     for path in sorted((dataset_dir / "data").rglob("*.parquet")):
         name = path.relative_to(dataset_dir).as_posix()

@@ -12,6 +12,7 @@ an unknown gym task or an invalid domain setting is a recipe problem and raises,
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import FileSource, GymSource, HFSource, HumanEvalSource, SourceConfig
-from pipeline.records import DOMAINS, Problem, stable_id
+from pipeline.parts import closed_parts
+from pipeline.records import DOMAINS, Problem, fingerprint, stable_id
 
 FIELDS = ("id", "prompt", "reference", "domain")
 MAX_ROW_CHARS = 2000
@@ -163,19 +165,25 @@ def _gym_items(source: GymSource) -> Iterator[Item]:
     for task in source.tasks:
         entries = reasoning_gym.create_dataset(task, size=source.size, seed=source.seed, **source.config)
         for i, entry in enumerate(entries):
-            # The whole entry travels in the reference: the task's score_answer needs it to grade.
-            reference = json.dumps({"task": task, "answer": entry["answer"], "entry": entry}, default=str)
+            # What rebuilds the configured task and regenerates this very entry, which the verifier scores with: a
+            # JSON copy of the entry would lose its Python objects, a default-config task its settings. Question and
+            # answer let the verifier check that it regenerated the same problem.
+            where = {"task": task, "config": source.config, "seed": source.seed, "size": source.size, "index": i}
+            problem = {"question": entry["question"], "answer": _jsonable(entry["answer"])}
+            # The id covers the config and the problem itself: another difficulty, or another reasoning-gym version
+            # generating other problems from the same seed, gives new ids instead of resuming with old answers.
+            digest = fingerprint({"config": source.config, **problem})[:8]
             yield (
                 f"reasoning_gym:{task}",
                 i + 1,
                 _raw(entry),
                 Problem(
-                    id=f"{source.name}-{task}-{source.seed}-{i}",
+                    id=f"{source.name}-{task}-{source.seed}-{i}-{digest}",
                     source=source.name,
                     domain="gym",
                     prompt=entry["question"],
-                    reference=reference,
-                    metadata={"task": task, "seed": source.seed, "index": i},
+                    reference=json.dumps(where | problem),
+                    metadata={k: v for k, v in where.items() if k != "size"},
                 ),
             )
 
@@ -249,3 +257,33 @@ def load_problems(sources: list[SourceConfig], base_dir: Path) -> tuple[list[Pro
     for source in sources:
         problems.extend(iter_problems(source, Path(base_dir), rejects, seen))
     return problems, rejects
+
+
+def _content(problem: Problem) -> tuple[str, str, str, str]:
+    """What the teacher is asked and what it is judged against, as a raw row stores it."""
+    return problem.domain, problem.prompt, problem.reference, json.dumps(problem.metadata, default=str)
+
+
+def problems_digest(problems: list[Problem]) -> str:
+    """One hash over every problem's id and content: a row edited under the same id changes it, as does a source's
+    config, a new row or a removed one. Streamed into the hash, so a million problems cost no extra memory."""
+    digest = hashlib.sha256()
+    for problem in problems:
+        digest.update(json.dumps([problem.id, *_content(problem)]).encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def changed_problems(raw_dir: Path, problems: list[Problem]) -> list[str]:
+    """Ids of `problems` whose rows in the closed raw parts were generated for another content (an edited row that
+    kept its id): resuming would answer the new problem with the old rows."""
+    import pyarrow.parquet as pq
+
+    current = {p.id: _content(p) for p in problems}
+    changed: dict[str, None] = {}
+    columns = ["problem_id", "domain", "prompt", "reference", "metadata"]
+    for part in closed_parts(raw_dir):
+        for row in pq.read_table(part, columns=columns).to_pylist():
+            stored = (row["domain"], row["prompt"], row["reference"], row["metadata"])
+            if row["problem_id"] in current and stored != current[row["problem_id"]]:
+                changed[row["problem_id"]] = None
+    return list(changed)

@@ -5,12 +5,14 @@
     distill verify --input gens.jsonl --output gens.verified.parquet     # any file with domain, reference, completion
 
 Re-runnable without the teacher: a verified part is redone when the verify settings changed or when it holds
-infrastructure errors (a broken sandbox or worker is never scored as a wrong answer: it is retried next run).
+infrastructure errors (a broken sandbox or worker is never scored as a wrong answer: it is retried next run). A data
+fault (a reference no verifier can read) is final: counted per reason, left out of training, never redone.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,16 +21,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.completion import split_reasoning
+from pipeline.completion import THINK_CLOSE, THINK_OPEN, split_reasoning
 from pipeline.filters import FilterInput, apply_filters
 from pipeline.parts import closed_parts, update_stats, write_atomic_bytes, write_table_atomic
 from pipeline.records import DOMAINS, VERDICT_FIELDS, VERIFIED_SCHEMA, fingerprint
 from pipeline.verifiers import VerifierSet
-from pipeline.verifiers.base import INFRA_ERROR, VerifyItem
+from pipeline.verifiers.base import DATA_FAULT, FAILED, INFRA_ERROR, PASSED, VerifyItem
 from pipeline.verify_config import VerifyConfig
 
 # Bump when a verifier's logic changes, so that existing verdicts are recomputed.
-VERIFIER_LOGIC_VERSION = 1
+VERIFIER_LOGIC_VERSION = 2  # 2: only the text after the think block is judged; gym scored with its task config
 
 
 def verify_hash(cfg: VerifyConfig) -> str:
@@ -41,8 +43,7 @@ def verify_rows(rows: list[dict], verifiers: VerifierSet, cfg: VerifyConfig, vha
     """Rows in (with domain, reference, completion), the same rows out with verdict columns added."""
     by_domain: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
-        if not row.get("answer") and not row.get("reasoning"):
-            row["reasoning"], row["answer"] = split_reasoning(row["completion"])
+        row["reasoning"], row["answer"] = _split(row)
         by_domain.setdefault(row["domain"], []).append(i)
     for domain, indices in by_domain.items():
         verifier = verifiers.get(domain)
@@ -70,6 +71,15 @@ def verify_rows(rows: list[dict], verifiers: VerifierSet, cfg: VerifyConfig, vha
     return rows
 
 
+def _split(row: dict) -> tuple[str, str]:
+    """The completion's own tags decide, so rows split under an older rule are judged by today's; without tags the
+    stored split stands (the engine's reasoning field or a template-opened block made it), else all is answer."""
+    completion = row["completion"]
+    if THINK_OPEN in completion or THINK_CLOSE in completion or not (row.get("answer") or row.get("reasoning")):
+        return split_reasoning(completion)
+    return row.get("reasoning") or "", row.get("answer") or ""
+
+
 def _progress(total: int, quiet: bool) -> Progress:
     columns = [
         TextColumn("[bold]verify"),
@@ -83,15 +93,34 @@ def _progress(total: int, quiet: bool) -> Progress:
     return progress
 
 
+def _status_counts(rows: list[dict]) -> dict:
+    """Rows by status, and the data faults by verifier:reason (each is a reference to fix in the source data)."""
+    counts = Counter(r["status"] for r in rows)
+    faults = Counter(f"{r['verifier']}:{r['reason']}" for r in rows if r["status"] == DATA_FAULT)
+    return {
+        "rows": len(rows),
+        **{status: counts[status] for status in (PASSED, FAILED, INFRA_ERROR, DATA_FAULT)},
+        "data_faults": dict(faults),
+    }
+
+
+def _warn_data_faults(counts: dict) -> None:
+    """One line naming the data faults by reason, for the person who can fix the references."""
+    if counts["data_fault"]:
+        reasons = ", ".join(f"{reason} x{n}" for reason, n in sorted(counts["data_faults"].items()))
+        print(
+            f"distill verify: {counts['data_fault']} verdict(s) are data faults ({reasons}): references no verifier "
+            "can read, left out of training and not verified again; fix them in the source data (rows with status "
+            "data_fault)",
+            file=sys.stderr,
+        )
+
+
 def _summarize(rows_done: list[dict], started: float) -> dict:
     elapsed = time.monotonic() - started
-    counts = Counter(r["status"] for r in rows_done)
     filters = Counter(name for r in rows_done for name in r["failed_filters"])
     return {
-        "rows": len(rows_done),
-        "passed": counts["passed"],
-        "failed": counts["failed"],
-        "infra_error": counts["infra_error"],
+        **_status_counts(rows_done),
         "reasons": dict(Counter(f"{r['verifier']}:{r['reason']}" for r in rows_done)),
         "failed_filters": dict(filters),
         "kept": sum(1 for r in rows_done if r["passed"] and not r["failed_filters"]),
@@ -130,13 +159,17 @@ def verify_run(run_dir: Path, cfg: VerifyConfig, quiet: bool = False) -> dict:
                 {k: r[k] for k in ("status", "passed", "reason", "verifier", "failed_filters", "domain")} for r in rows
             )
             progress.advance(progress.task_ids[0], len(rows))
+    columns = ["status", "verifier", "reason"]
+    everything = [r for p in raw_parts for r in pq.read_table(out_dir / p.name, columns=columns).to_pylist()]
     stats = {
         "parts": len(raw_parts),
         "parts_verified": len(todo),
         "verify_hash": vhash,
         **_summarize(verified, started),
+        "all_parts": _status_counts(everything),  # the whole of verified/, so a re-run that redoes nothing still tells
     }
     update_stats(run_dir, "verify", stats)
+    _warn_data_faults(stats)
     return stats
 
 
@@ -196,4 +229,6 @@ def verify_file(input_path: Path, output_path: Path, cfg: VerifyConfig, quiet: b
     write_table_atomic(table, output_path)
     rejects_path = output_path.with_suffix(".rejects.jsonl")
     write_atomic_bytes(rejects_path, "".join(json.dumps(r) + "\n" for r in rejects).encode())
-    return {"rejected_rows": len(rejects), "rejects_file": str(rejects_path), **_summarize(rows, started)}
+    stats = {"rejected_rows": len(rejects), "rejects_file": str(rejects_path), **_summarize(rows, started)}
+    _warn_data_faults(stats)
+    return stats

@@ -12,9 +12,11 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-from pipeline.verifiers.base import FAILED, INFRA_ERROR, PASSED
+from pipeline.verifiers.base import DATA_FAULT, FAILED, INFRA_ERROR, PASSED
 
 MODES = ("sample", "sample_x_agreement", "uniform")
+# Domains whose verdicts carry a final answer that two samples can share; a program has none to compare.
+ANSWER_DOMAINS = frozenset({"math", "gym", "mcq", "text"})
 
 _BOXED = re.compile(r"\\boxed\s*\{")
 _WHITESPACE = re.compile(r"\s+")
@@ -40,11 +42,13 @@ def sample_weight(h: float | None, beta: float = 1.0) -> float:
 
 
 def pass_rate(statuses: Sequence[str]) -> float | None:
-    """Share of judged samples that passed; an infrastructure failure says nothing about difficulty, so skip it."""
+    """Share of judged samples that passed; an infrastructure failure or a data fault (an unreadable reference) says
+    nothing about difficulty, so skip it."""
     counts = Counter(statuses)
-    unknown = set(counts) - {PASSED, FAILED, INFRA_ERROR}
+    known = (PASSED, FAILED, INFRA_ERROR, DATA_FAULT)
+    unknown = set(counts) - set(known)
     if unknown:
-        raise ValueError(f"unknown verdict status(es) {sorted(unknown)}; expected {PASSED}, {FAILED} or {INFRA_ERROR}")
+        raise ValueError(f"unknown verdict status(es) {sorted(unknown)}; expected one of {', '.join(known)}")
     judged = counts[PASSED] + counts[FAILED]
     return counts[PASSED] / judged if judged else None
 
@@ -90,15 +94,26 @@ def answer_agreement(answers: Sequence[str | None]) -> float:
     return min(1.0, max(0.0, 1.0 - entropy / math.log(n)))
 
 
-def combine(sample_w: float, agreement: float, pass_rate: float | None, mode: str = "sample") -> float:
+def problem_agreement(domain: str, answers: Sequence[str | None]) -> float | None:
+    """`answer_agreement` where final answers are comparable; None (undefined) for a domain without them (code).
+
+    Code samples extract no answer, so each would count as its own and every problem would read as total
+    disagreement: a weight of 0 for every code sample, whatever the teacher's certainty.
+    """
+    return answer_agreement(answers) if domain in ANSWER_DOMAINS else None
+
+
+def combine(sample_w: float, agreement: float | None, pass_rate: float | None, mode: str = "sample") -> float:
     """One raw weight per sample under the chosen mode.
 
-    pass_rate is accepted so callers pass every per-problem signal uniformly; no current mode uses it.
+    Undefined agreement (None: no comparable final answers) is a neutral factor of 1 in `sample_x_agreement`, so
+    such a sample is weighted by its own certainty alone, as under `sample`. pass_rate is accepted so callers pass
+    every per-problem signal uniformly; no current mode uses it.
     """
     if mode == "sample":
         return sample_w
     if mode == "sample_x_agreement":
-        return sample_w * agreement
+        return sample_w * (1.0 if agreement is None else agreement)
     if mode == "uniform":
         return 1.0
     raise ValueError(f"unknown weighting mode {mode!r}; valid modes: {', '.join(MODES)}")

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from pipeline.completion import Completion
-from pipeline.config import SamplingConfig
+from pipeline.config import RecipeError, SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,11 @@ class TeacherResult:
     # Set when no completion could be had. "rejected_too_long" is final; "infra_error" is retried on the next run.
     error_kind: str | None = None
     error: str | None = None
+
+
+class TeacherConfigError(RecipeError):
+    """The teacher refused a request in a way every request would share (HTTP 404 for a wrong model name, 401):
+    the run stops with the endpoint's message instead of burning through the problems."""
 
 
 class Teacher(ABC):
@@ -50,6 +55,20 @@ class Teacher(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+PROCESSED_LOGPROBS = "processed_logprobs"
+
+
+def logprobs_mode(backend: str) -> str:
+    """Which distribution the top-k logprobs, and so mean_token_entropy and the weight, are measured on.
+
+    Engines we start (vllm, vllm-server) use vLLM's processed_logprobs: temperature and top-p applied, the
+    distribution each token was sampled from (vLLM's default, raw_logprobs, is the model's before them). A foreign
+    endpoint returns whatever it was started with ("endpoint"): raw_logprobs for a default `vllm serve`, the sampled
+    distribution with `vllm serve --logprobs-mode processed_logprobs`.
+    """
+    return "endpoint" if backend == "openai" else PROCESSED_LOGPROBS
 
 
 # vLLM's CPU backend reserves this many GiB of KV cache; its own default can exceed what a shared 24 GiB machine

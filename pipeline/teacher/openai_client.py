@@ -3,8 +3,12 @@
 The client's own retries are off (`max_retries=0`): its defaults (600 s timeout, 2 retries) re-send long
 chain-of-thought requests that are still generating, so the teacher would work twice. Here one request per
 problem is in flight at a time, its timeout follows from max_tokens, and retries use jittered backoff on
-timeouts, resets, 408/429 (honouring Retry-After) and 5xx only; a 400 is final. Several endpoints share the load
-(least requests in flight first); one that keeps failing is taken out for a cool-down and probed again after it.
+timeouts, resets, 408/429 (honouring Retry-After) and 5xx only. A 400 that says the prompt is over the context is
+final for that problem (recorded as rejected_too_long); any other 4xx (a wrong served-model name, a bad key, a
+setting the server refuses) would fail every request alike, so the run stops at the first one with the endpoint's
+message. Several endpoints share the load (least requests in flight first); one that keeps failing is taken out
+for a cool-down and probed again after it. Keys are read from the environment (see TeacherConfig.endpoint_keys) and
+scrubbed from every error message kept.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ import httpx
 import openai
 
 from pipeline.completion import Completion, mean_topk_entropy
-from pipeline.config import SamplingConfig, TeacherConfig
-from pipeline.teacher.base import Teacher, TeacherRequest, TeacherResult
+from pipeline.config import NO_KEY, SamplingConfig, TeacherConfig
+from pipeline.teacher.base import Teacher, TeacherConfigError, TeacherRequest, TeacherResult
 
 _RETRY_STATUS = {408, 409, 429}
+# How servers say a prompt does not fit: vLLM ("This model's maximum context length is N tokens"; "exceeds model's
+# maximum context length"), OpenAI (code context_length_exceeded), SGLang ("longer than the model's context length").
+_CONTEXT_MARKERS = ("maximum context length", "context length", "context_length_exceeded")
 _FAILURES_BEFORE_COOLDOWN = 2
 _COOLDOWN_S = (5.0, 60.0)  # first and longest cool-down of an unhealthy endpoint
 _BACKOFF_S = (0.5, 30.0)
@@ -51,9 +58,11 @@ class OpenAITeacher(Teacher):
         self._send_seed = send_seed
         self._cfg = cfg
         self._served_model = served_model
+        self._keys = cfg.endpoint_keys()  # a named key variable that is unset fails here, before any request
+        self._secrets = [key for _, key in self._keys if key != NO_KEY]
         if engine:
             self.engine = engine
-        self.engine_version = _server_version(cfg.endpoints)
+        self.engine_version = _server_version(cfg.urls())
 
     def timeout_s(self, sampling: SamplingConfig) -> float:
         """From max_tokens at a floor of 1 token/s per sequence, as a full CPU batch is that slow."""
@@ -92,34 +101,40 @@ class OpenAITeacher(Teacher):
                 url,
                 openai.AsyncOpenAI(
                     base_url=url,
-                    api_key=self._cfg.api_key,
+                    api_key=key,
                     max_retries=0,
                     timeout=timeout,
                     http_client=httpx.AsyncClient(limits=limits, timeout=timeout),
                 ),
             )
-            for url in self._cfg.endpoints
+            for url, key in self._keys
         ]
         await asyncio.gather(*(self._probe(e, endpoints) for e in endpoints))
         slots = asyncio.Semaphore(self._cfg.concurrency)
         tasks: set[asyncio.Task] = set()
+        # The first configuration error (or a bug) stops sending and is raised in the caller's thread.
+        fatal: list[Exception] = []
 
         async def one(request: TeacherRequest) -> None:
             try:
                 results.put(await self._request(request, sampling, endpoints))
+            except Exception as e:
+                fatal.append(e)
             finally:
                 slots.release()
 
         try:
             for request in requests:
                 await slots.acquire()
-                if stop.is_set():
+                if stop.is_set() or fatal:
                     break
                 task = asyncio.create_task(one(request))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*tasks)
+            while tasks and not fatal:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if fatal:
+                raise fatal[0]
         finally:
             for task in tasks:
                 task.cancel()
@@ -175,17 +190,24 @@ class OpenAITeacher(Teacher):
                 endpoint.failures = 0
                 return _result(request.key, response, sampling, time.monotonic() - sent)
             except openai.APITimeoutError as e:
-                kind, last_error = "timeout", str(e)
+                kind, last_error = "timeout", self._scrub(str(e))
             except openai.APIConnectionError as e:
-                kind, last_error = "connection", str(e)
+                kind, last_error = "connection", self._scrub(str(e))
                 self._failed(endpoint, endpoints)
             except openai.APIStatusError as e:
-                last_error = f"HTTP {e.status_code}: {e.message}"
+                message = e.message.removeprefix(f"Error code: {e.status_code} - ")  # the client's own prefix
+                last_error = self._scrub(f"HTTP {e.status_code}: {message}")
                 if e.status_code not in _RETRY_STATUS and e.status_code < 500:
-                    too_long = e.status_code == 400 and "context" in e.message.lower()
-                    kind = "rejected_too_long" if too_long else "rejected"
-                    self.counters[kind] += 1
-                    return TeacherResult(request.key, error_kind=kind, error=last_error)
+                    if _too_long(e):
+                        self.counters["rejected_too_long"] += 1
+                        return TeacherResult(request.key, error_kind="rejected_too_long", error=last_error)
+                    self.counters["config_error"] += 1
+                    raise TeacherConfigError(
+                        f"teacher endpoint {endpoint.url} refused problem {request.key} with {last_error}. Every "
+                        f"request would fail alike, so the run stops: check teacher.model (sent as model "
+                        f"{self._served_model!r}), teacher.endpoints, the API key (teacher.api_key_env, default "
+                        f"OPENAI_API_KEY) and the sampling settings the server accepts"
+                    ) from None
                 kind = f"http_{e.status_code}"
                 retry_after = _retry_after(e.response)
                 if e.status_code >= 500:
@@ -199,6 +221,17 @@ class OpenAITeacher(Teacher):
                 await asyncio.sleep(retry_after if retry_after is not None else backoff)
         self.counters["infra_errors"] += 1
         return TeacherResult(request.key, error_kind="infra_error", error=f"gave up after retries: {last_error}")
+
+    def _scrub(self, message: str) -> str:
+        """Some servers echo the key they refused (a 401 body): it must not reach stats.json or the terminal."""
+        for secret in self._secrets:
+            message = message.replace(secret, "***")
+        return message
+
+
+def _too_long(error: openai.APIStatusError) -> bool:
+    text = f"{error.message} {error.code or ''}".lower()
+    return error.status_code == 400 and any(marker in text for marker in _CONTEXT_MARKERS)
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -13,10 +13,17 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 
-from pipeline.completion import Completion, mean_topk_entropy
+from pipeline.completion import THINK_OPEN, Completion, mean_topk_entropy
 from pipeline.config import SamplingConfig, TeacherConfig
 from pipeline.models import ResolvedModel
-from pipeline.teacher.base import Teacher, TeacherRequest, TeacherResult, vllm_env, vllm_version
+from pipeline.teacher.base import (
+    PROCESSED_LOGPROBS,
+    Teacher,
+    TeacherRequest,
+    TeacherResult,
+    vllm_env,
+    vllm_version,
+)
 
 
 def sampling_params(sampling: SamplingConfig):
@@ -34,7 +41,7 @@ def sampling_params(sampling: SamplingConfig):
 
 
 def load_llm(model: ResolvedModel, cfg: TeacherConfig, seed: int | None = None):
-    """Start the engine with the settings measured fastest on CPU (float32, eager; DESIGN.md)."""
+    """Start the engine with the settings measured fastest on CPU (float32, eager) and processed logprobs."""
     os.environ.update(vllm_env())
     # Read at engine start. Once an in-process engine has run, vLLM caches its settings: later engines of this
     # process stay in-process too.
@@ -48,6 +55,7 @@ def load_llm(model: ResolvedModel, cfg: TeacherConfig, seed: int | None = None):
         max_model_len=cfg.max_model_len,
         max_num_seqs=cfg.max_num_seqs,
         seed=seed if seed is not None else 0,  # per-request seeds crash the CPU build (see SamplingConfig.seed)
+        logprobs_mode=PROCESSED_LOGPROBS,  # entropy on the distribution sampled from (see logprobs_mode)
     )
 
 
@@ -78,7 +86,7 @@ class VLLMEngineTeacher(Teacher):
                 if request is None:
                     exhausted = True
                     break
-                ids = self._prompt_ids(request.messages)
+                ids, think_opened = self._prompt(request.messages)
                 if len(ids) + sampling.max_tokens > self._cfg.max_model_len:
                     self.counters["rejected_too_long"] += 1
                     yield TeacherResult(
@@ -91,18 +99,21 @@ class VLLMEngineTeacher(Teacher):
                     continue
                 request_id = f"{request.key}#{next(self._ids)}"
                 engine.add_request(request_id, {"prompt_token_ids": ids}, params)
-                in_flight[request_id] = (request.key, len(ids), time.monotonic())
+                in_flight[request_id] = (request.key, len(ids), time.monotonic(), think_opened)
             if not in_flight:
                 return
             for output in engine.step():
                 if output.finished and output.request_id in in_flight:
-                    key, prompt_tokens, submitted = in_flight.pop(output.request_id)
+                    key, prompt_tokens, submitted, think_opened = in_flight.pop(output.request_id)
                     latency = time.monotonic() - submitted
-                    yield TeacherResult(key, _completions(output, sampling.logprobs), prompt_tokens, latency)
+                    completions = _completions(output, sampling.logprobs, think_opened)
+                    yield TeacherResult(key, completions, prompt_tokens, latency)
 
-    def _prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def _prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], bool]:
+        """Prompt token ids, and whether the chat template opened the think block (DeepSeek-R1's templates end the
+        prompt with <think>): then a completion that never writes </think> is all reasoning and has no answer."""
         text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self._tokenizer.encode(text, add_special_tokens=False)
+        return self._tokenizer.encode(text, add_special_tokens=False), text.rstrip().endswith(THINK_OPEN)
 
     def close(self) -> None:
         if self._owns_llm and self.llm is not None:
@@ -110,7 +121,7 @@ class VLLMEngineTeacher(Teacher):
             gc.collect()  # an in-process engine's weights and KV cache go only when its cycles are collected
 
 
-def _completions(output, k: int) -> list[Completion]:
+def _completions(output, k: int, think_opened: bool) -> list[Completion]:
     result = []
     for sample_index, choice in enumerate(sorted(output.outputs, key=lambda c: c.index)):
         entropy = None
@@ -123,6 +134,7 @@ def _completions(output, k: int) -> list[Completion]:
                 finish_reason=choice.finish_reason or "unknown",
                 completion_tokens=len(choice.token_ids),
                 mean_token_entropy=entropy,
+                think_opened=think_opened,
             )
         )
     return result

@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 import httpx
+from pydantic import SecretStr
 
-from pipeline.config import TeacherConfig
+from pipeline.config import NO_KEY, TeacherConfig
 from pipeline.models import ResolvedModel
-from pipeline.teacher.base import vllm_env, vllm_version
+from pipeline.teacher.base import PROCESSED_LOGPROBS, vllm_env, vllm_version
 from pipeline.teacher.openai_client import OpenAITeacher
 
 _PR_SET_PDEATHSIG = 1
@@ -57,6 +58,7 @@ class ManagedVLLMServer:
         cmd += ["--served-model-name", self.model.name, "--host", "127.0.0.1", "--port", str(self.port)]
         cmd += ["--dtype", self.cfg.dtype, "--max-model-len", str(self.cfg.max_model_len)]
         cmd += ["--max-num-seqs", str(self.cfg.max_num_seqs), "--max-logprobs", str(self.max_logprobs)]
+        cmd += ["--logprobs-mode", PROCESSED_LOGPROBS]  # entropy on the distribution sampled from (logprobs_mode)
         if self.cfg.enforce_eager:
             cmd.append("--enforce-eager")
         if self.seed is not None:
@@ -131,7 +133,8 @@ class VLLMServerTeacher(OpenAITeacher):
     def __init__(self, model: ResolvedModel, cfg: TeacherConfig, log_path: Path, seed: int | None = None):
         self.server = ManagedVLLMServer(model, cfg, log_path, seed=seed)
         url = self.server.start()
-        endpoints = {"endpoints": [url]}
+        # Our own server needs no key: the user's OPENAI_API_KEY is not sent to it (unless the recipe gives one).
+        endpoints = {"endpoints": [url], "api_key": cfg.api_key or SecretStr(NO_KEY)}
         super().__init__(cfg.model_copy(update=endpoints), model.name, engine="vllm-server", send_seed=False)
         self.engine_version = vllm_version()
 

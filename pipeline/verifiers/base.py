@@ -1,8 +1,9 @@
 """What every verifier returns, and the one interface the verify stage calls.
 
-Three outcomes are kept apart (DESIGN.md, "Reliability rules"): `passed`, `failed` (the answer is wrong) and
-`infra_error` (the sandbox, a worker or the verifier itself broke). An infrastructure failure is never scored as a
-wrong answer: the verify stage leaves such rows to be verified again on its next run.
+Four outcomes are kept apart: `passed`, `failed` (the answer is wrong), `infra_error` (the sandbox, a worker or the
+verifier itself broke: a retry can fix it, so the verify stage verifies such rows again on its next run) and
+`data_fault` (the reference itself cannot be read or scored: final, counted per reason, excluded from training,
+never redone). An infrastructure failure or a data fault is never scored as a wrong answer.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-PASSED, FAILED, INFRA_ERROR = "passed", "failed", "infra_error"
+PASSED, FAILED, INFRA_ERROR, DATA_FAULT = "passed", "failed", "infra_error", "data_fault"
 
 
 @dataclass
 class Verdict:
-    status: str  # PASSED | FAILED | INFRA_ERROR
+    status: str  # PASSED | FAILED | INFRA_ERROR | DATA_FAULT
     reason: str  # short and machine-readable: "correct", "wrong_answer", "no_answer", "timeout", "runtime_error", ...
     detail: dict[str, Any] = field(default_factory=dict)  # JSON-able: extracted answer, isolation used, stderr tail
 
@@ -28,7 +29,8 @@ class Verdict:
 
 @dataclass(frozen=True)
 class VerifyItem:
-    """One completion to judge. `answer` is the text after the think block (the whole text when there is none)."""
+    """One completion to judge. `answer` is the text after the think block (completion.split_reasoning): empty when
+    the block never closed, the whole text when there was none. Verifiers read only `answer`."""
 
     completion: str
     answer: str

@@ -5,7 +5,8 @@ SIGALRM (which fails off the main thread and cancels the caller's alarm, and who
 BaseException), and some parsed values hang forever when turned into strings (Math-Verify issue #65). So workers
 parse and compare with math-verify's timeouts off, send back only strings, and the parent enforces `timeout_s` by
 SIGKILLing a worker that overruns and starting a new one. An overrun is the answer's fault (FAILED "timeout"); a
-worker that dies on its own is ours (INFRA_ERROR "worker_crashed") and the row is verified again on the next run.
+worker that dies on its own is ours (INFRA_ERROR "worker_crashed") and the row is verified again on the next run; a
+gold answer math-verify cannot parse is the data's (DATA_FAULT "bad_reference"): final, whatever the answer.
 """
 
 from __future__ import annotations
@@ -21,16 +22,26 @@ import sys
 import threading
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from decimal import Decimal, InvalidOperation
 from multiprocessing.connection import Connection, wait
 
-from pipeline.verifiers.base import FAILED, INFRA_ERROR, PASSED, Verdict, Verifier, VerifyItem, load_reference
+from pipeline.verifiers.base import (
+    DATA_FAULT,
+    FAILED,
+    INFRA_ERROR,
+    PASSED,
+    Verdict,
+    Verifier,
+    VerifyItem,
+    load_reference,
+)
 from pipeline.verify_config import MathConfig
 
 MAX_DETAIL_CHARS = 500
 PIPELINE_DEPTH = 2  # items sent to a worker ahead of its answers
 QUEUED_MAX_CHARS = 8192  # larger items wait until their worker is idle (see MathVerifier._feed)
+GOLD_CACHE = 65536  # golds remembered as readable or not, so that a sample without an answer needs no worker
 STARTUP_TIMEOUT_S = 120.0  # a worker imports sympy before it is ready; only a broken environment takes this long
 _READY = "ready"
 _PR_SET_PDEATHSIG = 1
@@ -110,13 +121,17 @@ def _float_rounding(gold: str) -> int:
     return min(15, max(6, places))
 
 
-def judge(gold: str, answer: str) -> tuple[str, str]:
-    """Compare in the calling process with no timeout: only for workers (and benchmarks of them)."""
+def judge(gold: str, answer: str | None) -> tuple[str, str]:
+    """Compare in the calling process with no timeout: only for workers (and benchmarks of them).
+
+    The gold is read first, so that a reference no one can read is a data fault even when there is no answer."""
     from math_verify import parse, verify
 
     gold_parsed = parse(f"\\boxed{{{_normalize(gold)}}}", parsing_timeout=None)
     if not gold_parsed:
-        return INFRA_ERROR, "bad_reference"
+        return DATA_FAULT, "bad_reference"
+    if answer is None:
+        return FAILED, "no_answer"
     answer_parsed = parse(f"\\boxed{{{_normalize(answer)}}}", parsing_timeout=None)
     if verify(gold_parsed, answer_parsed, float_rounding=_float_rounding(gold), timeout_seconds=None):
         return PASSED, "correct"
@@ -193,6 +208,7 @@ class MathVerifier(Verifier):
         self._ctx = multiprocessing.get_context("spawn")  # the parent may hold threads: fork is unsafe
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
+        self._gold_readable: OrderedDict[str, bool] = OrderedDict()  # gold text -> math-verify could parse it
         self._finalizer = weakref.finalize(self, _stop, self._workers)
 
     def close(self) -> None:
@@ -200,21 +216,40 @@ class MathVerifier(Verifier):
             _stop(self._workers)
 
     def verify_batch(self, items: list[VerifyItem]) -> list[Verdict]:
-        verdicts: list[Verdict | None] = [None] * len(items)
-        jobs: dict[int, tuple[str, str]] = {}
-        for i, item in enumerate(items):
-            answer = extract_answer(item.answer) or extract_answer(item.completion)
-            if answer is None:
-                verdicts[i] = Verdict(FAILED, "no_answer", {"extracted": None})
-            else:
-                jobs[i] = (reference_text(item.reference), answer)
+        golds = [reference_text(item.reference) for item in items]
+        # Only the answer part counts: a \\boxed{} inside the thinking is a draft, not the model's conclusion.
+        answers = [extract_answer(item.answer) for item in items]
+        jobs = {i: (golds[i], answer) for i, answer in enumerate(answers) if answer is not None}
+        # A sample without an answer is still a data fault when its gold cannot be read: a gold neither judged
+        # before nor judged with an answer in this batch gets one gold-only job.
+        judged = {gold for gold, _ in jobs.values()} | set(self._gold_readable)
+        unseen = sorted({g for g, a in zip(golds, answers, strict=True) if a is None and g not in judged})
+        jobs |= {len(items) + k: (gold, None) for k, gold in enumerate(unseen)}
+        results: dict[int, tuple[str, str]] = {}
         if jobs:
             with self._lock:
-                for i, (status, reason) in self._run(jobs).items():
-                    verdicts[i] = Verdict(status, reason, {"extracted": jobs[i][1][:MAX_DETAIL_CHARS]})
-        return verdicts  # type: ignore[return-value]
+                results = self._run(jobs)
+        for i, (gold, _) in jobs.items():
+            status, reason = results[i]
+            if status != INFRA_ERROR and reason != "timeout":  # a gold that was read (or not) to the end
+                self._gold_readable[gold] = status != DATA_FAULT
+                self._gold_readable.move_to_end(gold)
+        while len(self._gold_readable) > GOLD_CACHE:
+            self._gold_readable.popitem(last=False)
+        gold_only = {jobs[i][0]: results[i] for i in range(len(items), len(items) + len(unseen))}
+        verdicts = []
+        for i, answer in enumerate(answers):
+            if answer is not None:
+                status, reason = results[i]
+            elif golds[i] in gold_only:
+                status, reason = gold_only[golds[i]]
+            else:
+                unreadable = self._gold_readable.get(golds[i]) is False
+                status, reason = (DATA_FAULT, "bad_reference") if unreadable else (FAILED, "no_answer")
+            verdicts.append(Verdict(status, reason, {"extracted": answer and answer[:MAX_DETAIL_CHARS]}))
+        return verdicts
 
-    def _run(self, jobs: dict[int, tuple[str, str]]) -> dict[int, tuple[str, str]]:
+    def _run(self, jobs: dict[int, tuple[str, str | None]]) -> dict[int, tuple[str, str]]:
         """Keep every worker fed; kill and replace any worker whose current item is past its deadline."""
         while len(self._workers) < self.cfg.workers:
             self._workers.append(_Worker(self._ctx))
@@ -256,7 +291,7 @@ class MathVerifier(Verifier):
         one could fill the pipe of a stuck worker and block us past every deadline."""
         while w.ready and pending and len(w.inflight) < PIPELINE_DEPTH:
             job = jobs[pending[0]]
-            if w.inflight and len(job[0]) + len(job[1]) > QUEUED_MAX_CHARS:
+            if w.inflight and len(job[0]) + len(job[1] or "") > QUEUED_MAX_CHARS:
                 return
             try:
                 w.conn.send(job)

@@ -1,19 +1,24 @@
 """Verifiers that need no pool: reasoning-gym's own scorers, multiple-choice letters, normalized exact match.
 
 reasoning-gym ships a `score_answer` per task (partial credit in [0, 1]); a sample passes only with full credit,
-because a half-right answer is still a wrong answer to teach.
+because a half-right answer is still a wrong answer to teach. Only the answer part of a completion is read: a
+completion with no answer after its think block has no answer, whatever its thinking tried.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import string
+from collections import OrderedDict
 from typing import Any
 
-from pipeline.verifiers.base import FAILED, INFRA_ERROR, PASSED, ItemVerifier, Verdict, VerifyItem, load_reference
+from pipeline.verifiers.base import DATA_FAULT, FAILED, PASSED, ItemVerifier, Verdict, VerifyItem, load_reference
 from pipeline.verifiers.math import extract_answer
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
+GYM_REFERENCE_KEYS = ("task", "config", "seed", "size", "index", "question", "answer")
+GYM_ENTRY_CACHE = 4096  # entries kept for the n samples of a problem, which arrive together
 
 
 def final_answer(text: str) -> str | None:
@@ -23,34 +28,54 @@ def final_answer(text: str) -> str | None:
     return tagged[-1].strip() if tagged else extract_answer(text)
 
 
-def _extract(item: VerifyItem) -> str | None:
-    return final_answer(item.answer) or final_answer(item.completion)
-
-
 class GymVerifier(ItemVerifier):
+    """Scores with the task built from the recipe's own config, on the original entry regenerated from its seed and
+    index: a scorer may read its config (a tolerance, the allowed numbers) or entry metadata that JSON cannot carry
+    (tuples, sets, objects), so neither a default-config task nor a JSON copy of the entry may judge."""
+
     name = "gym"
 
     def __init__(self) -> None:
-        self._scorers: dict[str, Any] = {}
+        self._datasets: dict[str, Any] = {}
+        self._entries: OrderedDict[tuple[str, int], dict] = OrderedDict()
 
-    def _scorer(self, task: str):
-        if task not in self._scorers:
+    def _entry(self, ref: dict) -> tuple[Any, dict]:
+        key = json.dumps([ref["task"], ref["config"], ref["seed"], ref["size"]], sort_keys=True)
+        if key not in self._datasets:
             import reasoning_gym
 
-            self._scorers[task] = reasoning_gym.get_score_answer_fn(task)
-        return self._scorers[task]
+            self._datasets[key] = reasoning_gym.create_dataset(
+                ref["task"], size=ref["size"], seed=ref["seed"], **ref["config"]
+            )
+        dataset = self._datasets[key]
+        if (key, ref["index"]) not in self._entries:
+            self._entries[(key, ref["index"])] = dataset[ref["index"]]
+            while len(self._entries) > GYM_ENTRY_CACHE:
+                self._entries.popitem(last=False)
+        return dataset, self._entries[(key, ref["index"])]
 
     def verify_one(self, item: VerifyItem) -> Verdict:
-        reference = load_reference(item.reference)
-        if not isinstance(reference, dict) or "task" not in reference or "entry" not in reference:
-            return Verdict(INFRA_ERROR, "bad_reference", {"reference": item.reference[:200]})
-        answer = _extract(item)
+        ref = load_reference(item.reference)
+        if not isinstance(ref, dict) or any(k not in ref for k in GYM_REFERENCE_KEYS):
+            # References written before the task config was stored cannot be scored faithfully: generate them again.
+            detail = {"reference": item.reference[:200], "expected_keys": list(GYM_REFERENCE_KEYS)}
+            return Verdict(DATA_FAULT, "bad_reference", detail)
+        try:
+            dataset, entry = self._entry(ref)
+        except Exception as e:  # an unknown task, a config the task refuses, an index out of range: the data's
+            return Verdict(DATA_FAULT, "bad_reference", {"error": repr(e)[:500]})
+        same_answer = json.dumps(entry["answer"], default=str) == json.dumps(ref["answer"], default=str)
+        if entry["question"] != ref["question"] or not same_answer:
+            # Another reasoning-gym version generates other problems from the same seed: the answer is to a
+            # question the scorer no longer knows.
+            return Verdict(DATA_FAULT, "reference_mismatch", {"regenerated_question": entry["question"][:200]})
+        answer = final_answer(item.answer)
         if answer is None:
             return Verdict(FAILED, "no_answer")
         try:
-            score = float(self._scorer(reference["task"])(answer, reference["entry"]))
-        except Exception as e:  # a scorer bug is the verifier's failure, not the teacher's
-            return Verdict(INFRA_ERROR, "scorer_error", {"error": repr(e)[:500], "extracted": answer[:500]})
+            score = float(dataset.score_answer(answer, entry))
+        except Exception as e:  # deterministic for this entry and answer: a retry would fail the same way
+            return Verdict(DATA_FAULT, "scorer_error", {"error": repr(e)[:500], "extracted": answer[:500]})
         status, reason = (PASSED, "correct") if score >= 1.0 else (FAILED, "wrong_answer")
         return Verdict(status, reason, {"extracted": answer[:500], "score": score})
 
@@ -67,8 +92,8 @@ class McqVerifier(ItemVerifier):
         reference = load_reference(item.reference)
         gold = reference.get("answer") if isinstance(reference, dict) else reference
         if not isinstance(gold, str) or not re.fullmatch(r"\s*[A-Za-z]\s*", gold):
-            return Verdict(INFRA_ERROR, "bad_reference", {"reference": item.reference[:200]})
-        answer = _extract(item)
+            return Verdict(DATA_FAULT, "bad_reference", {"reference": item.reference[:200]})
+        answer = final_answer(item.answer)
         match = _LETTER.match(answer.strip()) if answer else None
         if match is None:
             return Verdict(FAILED, "no_answer", {"extracted": (answer or "")[:200]})
@@ -89,7 +114,9 @@ class TextVerifier(ItemVerifier):
     name = "text"
 
     def verify_one(self, item: VerifyItem) -> Verdict:
-        answer = _extract(item)
+        if not normalize_text(item.reference):
+            return Verdict(DATA_FAULT, "bad_reference", {"reference": item.reference[:200]})
+        answer = final_answer(item.answer)
         if answer is None:
             lines = [line for line in item.answer.splitlines() if line.strip()]
             answer = lines[-1] if lines else None

@@ -12,14 +12,20 @@ from pipeline.config import GymSource, HumanEvalSource
 from pipeline.sources import load_problems
 
 
-def make_dataset(folder, train_prompts, test_rows):
-    """A folder in the `distill build` layout (only the columns eval reads)."""
+def make_dataset(folder, train_prompts, test_rows, test_problems=None):
+    """A folder in the `distill build` layout (only the columns eval reads); `test_problems` defaults to the
+    distinct problems of `test_rows`."""
     (folder / "data").mkdir(parents=True)
     (folder / "manifest.json").write_text("{}")
     train = pa.table({"prompt": train_prompts})
     pq.write_table(train, folder / "data" / "train-00000-of-00001.parquet")
     test = pa.Table.from_pylist(test_rows)
     pq.write_table(test, folder / "data" / "test-00000-of-00001.parquet")
+    if test_problems is None:
+        test_problems = list({r["problem_id"]: r for r in test_rows}.values())
+    keys = ("problem_id", "source", "domain", "prompt", "reference")
+    records = [{k: p.get(k, "") for k in keys} | {"metadata": "{}"} for p in test_problems]
+    pq.write_table(pa.Table.from_pylist(records), folder / "test_problems.parquet")
     return folder
 
 
@@ -50,13 +56,14 @@ def test_gym_benchmark_seed_gives_problems_other_than_the_training_seed(tmp_path
     assert eval_prompts != {p.prompt for p in train}
 
 
-def test_a_dataset_folder_gives_its_test_problems_once_each(tmp_path):
+def test_a_dataset_folder_gives_all_its_test_problems_once_each_the_unsolved_ones_included(tmp_path):
     rows = [
         {"problem_id": "p1", "source": "s", "domain": "math", "prompt": "1+1?", "reference": "2"},
         {"problem_id": "p1", "source": "s", "domain": "math", "prompt": "1+1?", "reference": "2"},  # 2nd sample
-        {"problem_id": "p2", "source": "s", "domain": "math", "prompt": "2+2?", "reference": "4"},
     ]
-    dataset = make_dataset(tmp_path / "run" / "dataset", ["9+9?"], rows)
+    # p2 is a test problem the teacher never solved: no row of the test split, but a problem to evaluate.
+    unsolved = {"problem_id": "p2", "source": "s", "domain": "math", "prompt": "2+2?", "reference": "4"}
+    dataset = make_dataset(tmp_path / "run" / "dataset", ["9+9?"], rows, [rows[0], unsolved])
     benchmarks, rejects = freeze(config(tmp_path, [str(dataset)]), tmp_path / "bench")
     assert benchmarks[0].name == "run-test"
     assert [(p["id"], p["prompt"], p["domain"]) for p in read(benchmarks[0].path)] == [
@@ -66,9 +73,17 @@ def test_a_dataset_folder_gives_its_test_problems_once_each(tmp_path):
     assert rejects == []
 
 
+def test_a_dataset_built_without_its_test_problems_is_refused_rather_than_read_from_solved_rows(tmp_path):
+    dataset = make_dataset(tmp_path / "ds", ["a"], [{"problem_id": "x", "prompt": "y"}])
+    (dataset / "test_problems.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="rebuild it"):
+        freeze(config(tmp_path, [str(dataset)]), tmp_path / "bench")
+
+
 def test_a_dataset_without_a_test_split_is_a_clear_error(tmp_path):
     dataset = make_dataset(tmp_path / "ds", ["a"], [{"problem_id": "x", "prompt": "y"}])
     (dataset / "data" / "test-00000-of-00001.parquet").unlink()
+    (dataset / "test_problems.parquet").unlink()
     with pytest.raises(FileNotFoundError, match="no test split"):
         freeze(config(tmp_path, [str(dataset)]), tmp_path / "bench")
 

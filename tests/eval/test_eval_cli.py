@@ -8,7 +8,12 @@ import sys
 import pyarrow.dataset as ds
 import pytest
 
+from eval.benchmarks import Benchmark
+from eval.evaluate import ModelRun, _collect
+from eval.metrics import Sample
 from pipeline.models import EMBEDDED_ALIAS
+from pipeline.parts import PartWriter
+from pipeline.records import VERIFIED_SCHEMA
 from tests.conftest import ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -74,3 +79,36 @@ def test_a_repeated_evaluation_reuses_its_answers_and_keeps_its_measurements(see
     (run_dir,) = (root / "a" / "generations").iterdir()
     stats = json.loads((run_dir / "stats.json").read_text())["generate"]
     assert stats["problems_answered"] == 0 and stats["problems_resumed"] == 5
+
+
+def test_collect_keeps_every_frozen_problem_and_counts_the_unanswered(tmp_path):
+    """A problem without rows, and one whose only sample is an infrastructure error, stay in as unanswered."""
+    frozen = tmp_path / "b.jsonl"
+    frozen.write_text("".join(json.dumps({"id": f"p{i}", "domain": "math", "prompt": "?"}) + "\n" for i in range(3)))
+    run = ModelRun("m", "m", "rev", tmp_path / "run")
+
+    def row(pid, status):
+        detail = json.dumps({"extracted": "1"})
+        return {"problem_id": pid, "sample_index": 0, "domain": "math", "status": status, "verdict_detail": detail}
+
+    with PartWriter(run.run_dir / "verified", 10, 3600, schema=VERIFIED_SCHEMA) as writer:
+        writer.add([row("p0", "passed"), row("p1", "infra_error")])
+    _collect(run, [Benchmark("b", frozen, 3, 0)])
+    assert run.samples == {"b": {"p0": [Sample(True, "1")], "p1": [], "p2": []}}
+    assert run.unanswered == 2 and run.unscored == 1 and run.domains == {"b": "math"}
+
+
+def test_collect_sets_aside_a_problem_whose_reference_is_a_data_fault(tmp_path):
+    """A data fault is the reference's, not the model's: the problem leaves the scoring, not counted as failed."""
+    frozen = tmp_path / "b.jsonl"
+    frozen.write_text("".join(json.dumps({"id": f"p{i}", "domain": "math", "prompt": "?"}) + "\n" for i in range(2)))
+    run = ModelRun("m", "m", "rev", tmp_path / "run")
+    rows = [
+        {"problem_id": pid, "sample_index": 0, "domain": "math", "status": status, "verdict_detail": "{}"}
+        for pid, status in (("p0", "failed"), ("p1", "data_fault"))
+    ]
+    with PartWriter(run.run_dir / "verified", 10, 3600, schema=VERIFIED_SCHEMA) as writer:
+        writer.add(rows)
+    _collect(run, [Benchmark("b", frozen, 2, 0)])
+    assert run.samples == {"b": {"p0": [Sample(False, None)]}}
+    assert run.data_faults == {"p1"} and run.unanswered == 0 and run.unscored == 0

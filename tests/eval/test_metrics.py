@@ -71,3 +71,13 @@ def test_percentile_interpolates_like_numpy():
     assert percentile(values, 95) == pytest.approx(3.85)
     assert percentile([7.0], 95) == 7.0
     assert math.isnan(percentile([], 50))
+
+
+def test_a_problem_without_a_scored_sample_counts_as_failed_in_every_score():
+    # Rates 1, .5, 0 and an unanswered problem: (1 + .5 + 0 + 0) / 4, not / 3.
+    problems = [samples([T, T]), samples([T, F]), samples([F, F]), []]
+    score = pass_at_1(problems)
+    assert score.value == pytest.approx(0.375) and score.problems == 4
+    assert score.stderr == pytest.approx(math.sqrt((0.625**2 + 0.125**2 + 2 * 0.375**2) / 3 / 4))
+    cons = cons_at_k([samples([T, T], ["1", "1"]), samples([F, F], ["2", "2"]), []])
+    assert cons.value == pytest.approx(1 / 3) and cons.problems == 3

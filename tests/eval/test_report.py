@@ -69,3 +69,53 @@ def test_cons_at_k_is_not_reported_for_code(tmp_path):
     assert report["results"]["humaneval"]["m"]["cons@k"] is None
     assert report["results"]["humaneval"]["m"]["pass@1"] == pytest.approx(0.5)
     assert "all" not in report["results"] and report["headline"] == {}
+
+
+def test_every_model_is_scored_on_the_same_problems_and_unanswered_ones_count_as_failed(tmp_path):
+    # Four problems; the student answered only three (the fourth was too long for it, or failed).
+    benchmarks = [Benchmark("a", tmp_path / "a.jsonl", 4, 0)]
+    teacher = model_run("teacher", {"a": [[True, True], [True, False], [False, False], [True, True]]}, 50, 400)
+    student = model_run("student", {"a": [[True, True], [True, False], [False, False]]}, 100, 100)
+    student.samples["a"]["p3"] = []  # no answer: what the collector records for an unanswered problem
+    cfg = EvalConfig(models=["teacher=x", "student=y"], benchmarks=["humaneval"], samples=2)
+    report = build_report(cfg, benchmarks, [teacher, student], {"gym"})
+    scores = report["results"]["a"]
+    # pass@1 over 4 problems, not 3: student (1 + .5 + 0 + 0) / 4, teacher (1 + .5 + 0 + 1) / 4.
+    assert scores["student"]["pass@1"] == pytest.approx(0.375)
+    assert scores["teacher"]["pass@1"] == pytest.approx(0.625)
+    assert scores["student"]["retention"] == pytest.approx(0.375 / 0.625)
+    assert scores["student"]["problems"] == scores["teacher"]["problems"] == 4
+    assert scores["student"]["unanswered"] == 1 and scores["teacher"]["unanswered"] == 0
+    # cons@k votes over the same four: the majority is right on p0 and p1 (a tie goes to "True", seen first).
+    assert scores["student"]["cons@k"] == pytest.approx(2 / 4)
+    # Its standard error is over the same four per-problem rates (1, .5, 0, 0): variance 0.229166 / 4.
+    assert scores["student"]["pass@1_stderr"] == pytest.approx(((0.625**2 + 0.125**2 + 2 * 0.375**2) / 3 / 4) ** 0.5)
+
+
+def test_a_problem_missing_from_one_models_answers_stays_in_its_denominator(tmp_path):
+    # A model whose collector never saw a problem at all (no entry) is scored on the same set as the others.
+    benchmarks = [Benchmark("a", tmp_path / "a.jsonl", 2, 0)]
+    teacher = model_run("teacher", {"a": [[True], [True]]}, 50, 400)
+    student = model_run("student", {"a": [[True]]}, 100, 100)
+    cfg = EvalConfig(models=["teacher=x", "student=y"], benchmarks=["humaneval"], samples=1)
+    scores = build_report(cfg, benchmarks, [teacher, student], {"gym"})["results"]["a"]
+    assert scores["student"]["pass@1"] == pytest.approx(0.5) and scores["student"]["problems"] == 2
+    assert scores["student"]["unanswered"] == 1
+
+
+def test_a_problem_with_an_unreadable_reference_is_scored_for_no_model(tmp_path):
+    # p2's reference is a data fault: the teacher's verify saw it; the student never answered p2 at all. Neither
+    # model is scored on it: both pass@1 are over p0 and p1 only, and the fault is reported.
+    benchmarks = [Benchmark("a", tmp_path / "a.jsonl", 3, 0)]
+    teacher = model_run("teacher", {"a": [[True, True], [True, False]]}, 50, 400)
+    teacher.data_faults = {"p2"}
+    student = model_run("student", {"a": [[True, False], [False, False]]}, 100, 100)
+    student.samples["a"]["p2"] = []
+    cfg = EvalConfig(models=["teacher=x", "student=y"], benchmarks=["humaneval"], samples=2)
+    report = build_report(cfg, benchmarks, [teacher, student], {"gym"})
+    scores = report["results"]["a"]
+    assert scores["teacher"]["pass@1"] == pytest.approx((1 + 0.5) / 2)
+    assert scores["student"]["pass@1"] == pytest.approx((0.5 + 0) / 2)
+    assert scores["teacher"]["problems"] == scores["student"]["problems"] == 2
+    assert scores["student"]["unanswered"] == 0
+    assert report["incomplete"]["teacher"]["data_faults"] == 1

@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.build import build
+from pipeline.build import build, is_test
 from pipeline.build_config import BuildConfig
 from pipeline.parts import PartWriter
-from pipeline.records import DATASET_SCHEMA, VERIFIED_SCHEMA
+from pipeline.records import DATASET_SCHEMA, RAW_SCHEMA, VERIFIED_SCHEMA
 from pipeline.shards import check_dataset
 from tests.conftest import ROOT
 
@@ -193,3 +193,130 @@ def test_no_verified_parts_is_a_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match="distill verify"):
         build(tmp_path, BuildConfig(), base_dir=tmp_path)
     assert not os.path.exists(tmp_path / "dataset")
+
+
+# ---- what the build reads: every raw part verified, under the build's verify settings
+
+
+def _verified_run(run_dir: Path, part_hashes: list[str | None]) -> None:
+    """One problem per part; raw/ has every part, verified/ the ones whose hash is not None."""
+    raw = PartWriter(run_dir / "raw", max_rows=1, max_seconds=3600, schema=RAW_SCHEMA)
+    verified = PartWriter(run_dir / "verified", max_rows=1, max_seconds=3600, schema=VERIFIED_SCHEMA)
+    for p, vhash in enumerate(part_hashes):
+        row = _row(f"p{p}", f"Problem {p}: what is {p} times {p + 3}?", 0, True, 0.1, verify_hash=vhash)
+        raw.add([{k: v for k, v in row.items() if k in RAW_SCHEMA.names}])
+        if vhash is None:
+            verified._next_index += 1  # keep the part numbers of raw/ and verified/ aligned
+        else:
+            verified.add([row])
+
+
+def test_build_refuses_raw_parts_that_were_never_verified(tmp_path):
+    run_dir = tmp_path / "run"
+    _verified_run(run_dir, ["h", None, "h", None])  # e.g. generate --no-verify, then verify killed half-way
+    with pytest.raises(RuntimeError, match=r"2 raw part\(s\).*part-00001.parquet, part-00003.parquet.*distill verify"):
+        build(run_dir, BuildConfig(near_dup_threshold=None), base_dir=tmp_path, verify_hash="h")
+    assert not (run_dir / "dataset").exists()
+
+
+def test_build_refuses_parts_verified_under_other_settings(tmp_path):
+    run_dir = tmp_path / "run"
+    _verified_run(run_dir, ["new", "old", "new"])
+    cfg = BuildConfig(near_dup_threshold=None)
+    with pytest.raises(RuntimeError, match=r"1 verified part\(s\).*hash new\) \(part-00001.parquet\)"):
+        build(run_dir, cfg, base_dir=tmp_path, verify_hash="new")
+    with pytest.raises(RuntimeError, match="other than one another"):  # no recipe to compare with: they must agree
+        build(run_dir, cfg, base_dir=tmp_path)
+    _verified_run(tmp_path / "agreed", ["new", "new"])
+    assert build(tmp_path / "agreed", cfg, base_dir=tmp_path, verify_hash="new")["kept"] == 2
+
+
+def test_the_distill_build_command_checks_the_recipes_verify_settings(tmp_path):
+    from pipeline.cli import main
+    from pipeline.verify import verify_hash
+    from pipeline.verify_config import VerifyConfig
+
+    run_dir = tmp_path / "run"
+    _verified_run(run_dir, [verify_hash(VerifyConfig())] * 2)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump({"name": "run", "sources": [{"type": "humaneval"}]}))
+    assert main(["build", str(run_dir), "build.near_dup_threshold=null", "-q"]) == 0
+    assert main(["build", str(run_dir), "verify.math.timeout_s=99", "-q"]) == 2  # verdicts of other settings
+
+
+# ---- replacing the previous dataset
+
+
+def test_a_failed_swap_leaves_the_previous_dataset_in_place(built, monkeypatch):
+    dataset_dir, _, _, cfg = built
+    before = (dataset_dir / "manifest.json").read_text()
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if Path(dst) == dataset_dir and Path(src).name == "dataset.partial":
+            raise OSError("disk gone")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        build(dataset_dir.parent, cfg.model_copy(update={"seed": 1}), base_dir=dataset_dir.parent.parent)
+    assert (dataset_dir / "manifest.json").read_text() == before and check_dataset(dataset_dir) == []
+
+
+def test_a_crash_between_the_renames_is_undone_before_the_next_build(built):
+    dataset_dir, _, _, _ = built
+    before = (dataset_dir / "manifest.json").read_text()
+    os.replace(dataset_dir, dataset_dir.with_name("dataset.previous"))  # the old one moved aside, then kill -9
+    (dataset_dir.parent / "verified" / "part-00000.parquet").unlink()  # this build will refuse
+    (dataset_dir.parent / "raw").mkdir()
+    (dataset_dir.parent / "raw" / "part-00000.parquet").write_bytes(b"")
+    with pytest.raises(RuntimeError, match="no verified part"):
+        build(dataset_dir.parent, BuildConfig(), base_dir=dataset_dir.parent)
+    assert (dataset_dir / "manifest.json").read_text() == before and check_dataset(dataset_dir) == []
+    assert not dataset_dir.with_name("dataset.previous").exists()
+
+
+# ---- the test split is decided per problem, before selection
+
+
+def test_the_test_problems_include_those_the_teacher_never_solved(tmp_path):
+    from eval.benchmarks import dataset_test_problems
+
+    run_dir = tmp_path / "run"
+    with PartWriter(run_dir / "verified", max_rows=8, max_seconds=3600, schema=VERIFIED_SCHEMA) as writer:
+        for p in range(40):
+            solved = p % 2 == 0
+            prompt = f"Problem {p}: what is {p} plus {p * 3}?"
+            writer.add([_row(f"p{p}", prompt, i, passed=solved and i == 0, entropy=0.1) for i in range(2)])
+    cfg = BuildConfig(test_fraction=0.5, near_dup_threshold=None)
+    stats = build(run_dir, cfg, base_dir=tmp_path)
+    dataset = run_dir / "dataset"
+    expected = {f"p{p}" for p in range(40) if is_test(cfg, f"p{p}")}
+    assert any(int(pid[1:]) % 2 for pid in expected) and any(int(pid[1:]) % 2 == 0 for pid in expected)
+    test_rows = pads.dataset(sorted((dataset / "data").glob("test-*.parquet"))).to_table().to_pylist()
+    assert {r["problem_id"] for r in test_rows} == {pid for pid in expected if int(pid[1:]) % 2 == 0}
+    records = pq.read_table(dataset / "test_problems.parquet").to_pylist()
+    assert {r["problem_id"] for r in records} == expected and stats["test_problems"] == len(expected)
+    rate = {r["problem_id"]: r["teacher_pass_rate"] for r in records}
+    assert all(rate[pid] == (0.5 if int(pid[1:]) % 2 == 0 else 0.0) for pid in expected)
+    # What `distill eval` answers on this build: every test problem, the unsolved ones included.
+    assert {p.id for p in dataset_test_problems(dataset)} == expected
+    assert check_dataset(dataset) == []
+    (dataset / "test_problems.parquet").write_bytes(b"changed")
+    assert check_dataset(dataset) == ["test_problems.parquet: size or sha256 differs from the manifest's"]
+
+
+def test_rows_without_token_counts_or_entropy_build_and_leave_the_figures_out(tmp_path):
+    # An endpoint that reports no usage gives null token counts; a run without logprobs gives null entropy.
+    run_dir = tmp_path / "run"
+    with PartWriter(run_dir / "verified", max_rows=40, max_seconds=3600, schema=VERIFIED_SCHEMA) as writer:
+        writer.add([_row("p0", "first prompt about sheep", 0, True, 0.5)])
+        writer.add(
+            [
+                _row(f"q{p}", f"prompt {p} about goats", 0, True, None, completion_tokens=None, entropy_top_k=None)
+                for p in range(3)
+            ]
+        )
+    stats = build(run_dir, BuildConfig(), base_dir=tmp_path)
+    assert stats["kept"] == 4
+    assert stats["tokens"]["completion_tokens"]["max"] == 100  # the one row that had a count
+    assert sum(stats["histograms"]["completion_tokens"]["counts"]) == 1

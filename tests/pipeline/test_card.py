@@ -182,3 +182,22 @@ def test_print_stats_shows_tables_and_shards(tmp_path):
         assert rows in line
     for needle in ("640", "failed_filter:truncated", "41.0%", "812.3", "aime24", "Shards"):
         assert needle in out, needle
+
+
+@pytest.mark.parametrize(
+    ("modes", "says"),
+    [
+        (["processed_logprobs"], "the distribution each token was sampled from (vLLM's processed_logprobs"),
+        (["endpoint"], "for a default `vllm serve`, raw_logprobs, the model's distribution before temperature"),
+    ],
+)
+def test_card_says_which_distribution_the_entropy_was_measured_on(tmp_path, modes, says):
+    schema = pa.schema([("id", pa.int64()), ("sampling", pa.string())])
+    writer = ShardWriter(tmp_path, "train", schema, [len(modes)], group_rows=100)
+    sampling = [json.dumps({"temperature": 0.6, "top_p": 0.95, "logprobs_mode": m}) for m in modes]
+    writer.write(pa.table({"id": list(range(len(modes))), "sampling": sampling}, schema=schema))
+    stats = make_stats() | {"splits": {"train": len(modes)}}
+    text = render_card(tmp_path, stats, RECIPE).read_text()
+    note = next(line for line in text.splitlines() if line.startswith("`mean_token_entropy`"))
+    assert note.startswith("`mean_token_entropy`, and the `weight` made from it, is the entropy of the top-k")
+    assert says in note

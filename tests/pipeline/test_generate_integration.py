@@ -74,6 +74,8 @@ def test_inprocess_vllm_backend_writes_complete_parts_with_provenance(reference_
     assert {r["teacher_revision"] for r in rows} == {embedded_model.revision}
     assert len({r["config_hash"] for r in rows}) == 1 and len({r["sampling_hash"] for r in rows}) == 1
     assert {json.loads(r["sampling"])["n"] for r in rows} == {N_SAMPLES}
+    # the engine was started with processed logprobs: the entropy is that of the distribution sampled from
+    assert {json.loads(r["sampling"])["logprobs_mode"] for r in rows} == {"processed_logprobs"}
     assert all(0 < r["completion_tokens"] <= 24 for r in rows)
     assert {r["finish_reason"] for r in rows} <= {"stop", "length"}
     # top-5 entropy lies in [0, log 5]; the full logprob arrays are not stored
@@ -125,6 +127,20 @@ def test_openai_backend_with_a_dead_endpoint_answers_everything(vllm_server, tmp
     assert stats["retries"]["endpoint_down_at_start"] == 1
     assert stats["infra_errors"] == 0
     assert {r["engine"] for r in read_raw(run_dir).to_pylist()} == {"openai"}
+    assert {json.loads(r["sampling"])["logprobs_mode"] for r in read_raw(run_dir).to_pylist()} == {"endpoint"}
+
+
+def test_a_wrong_served_model_name_stops_the_run_with_exit_2_after_one_request(vllm_server, tmp_path):
+    """vLLM answers 404 to every request for a model it does not serve: that used to be counted as "too long for
+    the context", problem after problem, and the run exited 0 with no completion."""
+    with FaultProxy(vllm_server.url.removesuffix("/v1"), failure_rate=0.0) as proxy:
+        recipe = small_recipe(tmp_path, "wrong-model")
+        overrides = [*_openai_overrides(f"{proxy.url}/v1"), "teacher.model=no-such-model", "teacher.concurrency=1"]
+        result = run_distill(str(recipe), *overrides, "--quiet")
+        forwarded = proxy.counts["forwarded"]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "HTTP 404" in result.stderr and "no-such-model" in result.stderr
+    assert forwarded <= 3, f"{forwarded} requests (GET /version, GET /v1/models, one chat request expected)"
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.verifiers.base import FAILED, INFRA_ERROR, PASSED, VerifyItem
+from pipeline.verifiers.base import DATA_FAULT, FAILED, INFRA_ERROR, PASSED, VerifyItem
 from pipeline.verifiers.math import MathVerifier, extract_answer
 from pipeline.verify_config import MathConfig
 
@@ -228,9 +228,23 @@ def test_verdict_reasons_and_detail(verifier):
     items.append(_item("\\boxed{" + "9" * 600 + "}", "\\text{}"))
     got = [(v.status, v.reason) for v in verifier.verify_batch(items)]
     assert got[:3] == [(PASSED, "correct"), (FAILED, "wrong_answer"), (FAILED, "no_answer")]
-    assert got[3] == (INFRA_ERROR, "bad_reference")
+    assert got[3] == (DATA_FAULT, "bad_reference")
     assert len(verifier.verify_batch(items[3:])[0].detail["extracted"]) == 500
-    assert verifier.verify_batch([VerifyItem("\\boxed{42}", "no box here", json.dumps("42"))])[0].passed
+    assert verifier.verify_batch([VerifyItem("\\boxed{42}", "\\boxed{42}", json.dumps("42"))])[0].passed
+
+
+def test_a_gold_answer_math_verify_cannot_read_is_a_data_fault_whatever_the_answer(verifier):
+    # An empty or unparseable reference is the data's fault: final (never redone), never a wrong answer.
+    items = [_item("\\boxed{4}", ""), _item("I give up.", ""), _item("\\boxed{4}", "\\text{}")]
+    assert [(v.status, v.reason) for v in verifier.verify_batch(items)] == [(DATA_FAULT, "bad_reference")] * 3
+
+
+def test_only_the_answer_after_the_think_block_is_judged(verifier):
+    # A box inside the thinking, or in a truncated trace that never closed its block, is a draft, not the answer.
+    thinking = "<think>\nIs it \\boxed{42}? Let me check.\n</think>\n\nI am not sure."
+    truncated = "<think>\nIs it \\boxed{42}? Let me check"
+    items = [VerifyItem(thinking, "I am not sure.", "42"), VerifyItem(truncated, "", "42")]
+    assert [(v.status, v.reason) for v in verifier.verify_batch(items)] == [(FAILED, "no_answer")] * 2
 
 
 ADVERSARIAL = {

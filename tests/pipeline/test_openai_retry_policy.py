@@ -1,101 +1,99 @@
 """The openai backend's retry policy on faults a real vLLM server does not produce on demand (429 with
-Retry-After, 401). The real-server paths (500s, resets, timeouts, a dead endpoint, a too-long prompt) are tested
-against the embedded teacher in test_generate_integration.py; this fake only injects the rest."""
+Retry-After, 401, a 404 for every request). The real-server paths (500s, resets, timeouts, a dead endpoint, a wrong
+served-model name) are tested against the embedded teacher in test_generate_integration.py; this fake only injects
+the rest."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
+import pytest
 
-from aiohttp import web
-
-from pipeline.config import SamplingConfig, TeacherConfig
-from pipeline.teacher.base import TeacherRequest
+from pipeline.config import RecipeError, SamplingConfig, TeacherConfig
+from pipeline.teacher.base import TeacherConfigError, TeacherRequest
 from pipeline.teacher.openai_client import OpenAITeacher
+from tests.fake_openai import FakeOpenAIServer, Reply
 
-COMPLETION = {
-    "id": "x",
-    "object": "chat.completion",
-    "created": 0,
-    "model": "m",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "4"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
-}
-
-
-class ScriptedServer:
-    """Answers chat requests from a script of (status, headers) pairs, then with COMPLETION."""
-
-    def __init__(self, script: list[tuple[int, dict]]):
-        self.script = list(script)
-        self.chat_calls = 0
-        self.url = ""
-        self._ready = threading.Event()
-
-    async def _chat(self, request: web.Request) -> web.Response:
-        self.chat_calls += 1
-        if self.script:
-            status, headers = self.script.pop(0)
-            return web.json_response(
-                {"error": {"message": "scripted", "code": status}}, status=status, headers=headers
-            )
-        return web.json_response(COMPLETION)
-
-    async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model", "owned_by": "x"}]})
-
-    def __enter__(self) -> ScriptedServer:
-        def serve() -> None:
-            async def main() -> None:
-                app = web.Application()
-                app.router.add_post("/v1/chat/completions", self._chat)
-                app.router.add_get("/v1/models", self._models)
-                runner = web.AppRunner(app)
-                await runner.setup()
-                site = web.TCPSite(runner, "127.0.0.1", 0)
-                await site.start()
-                self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
-                self._stop = asyncio.Event()
-                self._loop = asyncio.get_running_loop()
-                self._ready.set()
-                await self._stop.wait()
-                await runner.cleanup()
-
-            asyncio.run(main())
-
-        self._thread = threading.Thread(target=serve, daemon=True)
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
+# vLLM's own phrasings (vllm/renderers/params.py, vllm/entrypoints/serve/utils/api_utils.py)
+VLLM_TOO_LONG = (
+    "This model's maximum context length is 1024 tokens. However, your prompt contains 2000 input tokens, which "
+    "exceeds this limit even without any output tokens. Please reduce the length of the input prompt."
+)
+VLLM_NO_MODEL = "The model `qwen-typo` does not exist."
 
 
-def _ask(url: str) -> tuple[list, OpenAITeacher]:
-    teacher = OpenAITeacher(TeacherConfig(backend="openai", endpoints=[url], max_retries=3), served_model="m")
-    results = list(teacher.generate([TeacherRequest("p1", [{"role": "user", "content": "2+2?"}])], SamplingConfig()))
-    return results, teacher
+def scripted(*replies: Reply):
+    """Replies in order, then completions."""
+    script = list(replies)
+    return lambda body: script.pop(0) if script else Reply(content="4")
+
+
+def _ask(url: str, problems: int = 1, **cfg) -> tuple[list, OpenAITeacher]:
+    teacher = OpenAITeacher(
+        TeacherConfig(backend="openai", endpoints=[url], **{"max_retries": 3, **cfg}), served_model="m"
+    )
+    requests = [TeacherRequest(f"p{i}", [{"role": "user", "content": "2+2?"}]) for i in range(problems)]
+    return list(teacher.generate(requests, SamplingConfig())), teacher
 
 
 def test_429_is_retried_after_the_servers_retry_after():
-    with ScriptedServer([(429, {"Retry-After": "0.2"}), (503, {})]) as server:
+    with FakeOpenAIServer(scripted(Reply(429, headers={"Retry-After": "0.2"}), Reply(503))) as server:
         results, teacher = _ask(server.url)
     assert [r.completions[0].text for r in results] == ["4"]
     assert server.chat_calls == 3
     assert teacher.counters["retry_http_429"] == 1 and teacher.counters["retry_http_503"] == 1
 
 
-def test_client_errors_other_than_408_and_429_are_final():
-    with ScriptedServer([(401, {})]) as server:
-        results, teacher = _ask(server.url)
-    assert results[0].error_kind == "rejected" and "401" in results[0].error
-    assert server.chat_calls == 1 and teacher.counters["retries"] == 0
+def test_client_errors_other_than_408_and_429_stop_the_run_with_the_endpoints_message():
+    with (
+        FakeOpenAIServer(scripted(Reply(401, "Incorrect API key provided"))) as server,
+        pytest.raises(TeacherConfigError, match=r"HTTP 401.*Incorrect API key provided"),
+    ):
+        _ask(server.url)
+    assert server.chat_calls == 1, "a 4xx is never retried"
+
+
+def test_a_wrong_model_name_stops_after_the_first_answers_not_after_every_problem():
+    """A 404 on every request used to be counted as "too long for the context" for each of the problems."""
+    with (
+        FakeOpenAIServer(lambda body: Reply(404, VLLM_NO_MODEL, delay_s=0.05)) as server,
+        pytest.raises(TeacherConfigError) as error,
+    ):
+        _ask(server.url, problems=50, concurrency=4)
+    assert "HTTP 404" in str(error.value) and VLLM_NO_MODEL in str(error.value)
+    assert "'m'" in str(error.value), "the message names the model that was asked for"
+    assert server.chat_calls <= 4, f"{server.chat_calls} requests sent after the first 404 (concurrency 4)"
+    assert isinstance(error.value, RecipeError), "the CLI maps it to exit code 2 (bad recipe)"
+
+
+def test_a_context_length_rejection_is_final_for_that_problem_only():
+    with FakeOpenAIServer(scripted(Reply(400, VLLM_TOO_LONG))) as server:
+        results, teacher = _ask(server.url, problems=3, concurrency=1)
+    kinds = sorted(str(r.error_kind) for r in results)
+    assert kinds == ["None", "None", "rejected_too_long"]
+    assert server.chat_calls == 3 and teacher.counters["retries"] == 0
+
+
+def test_a_400_that_is_not_about_the_context_is_a_configuration_error():
+    with (
+        FakeOpenAIServer(scripted(Reply(400, "top_logprobs must be at most 0, got 5"))) as server,
+        pytest.raises(TeacherConfigError, match="top_logprobs"),
+    ):
+        _ask(server.url, problems=5, concurrency=1)
+    assert server.chat_calls == 1
 
 
 def test_exhausted_retries_are_an_infra_error_not_an_empty_answer():
-    with ScriptedServer([(500, {})] * 4) as server:
+    with FakeOpenAIServer(scripted(*[Reply(500)] * 4)) as server:
         results, teacher = _ask(server.url)
     assert results[0].error_kind == "infra_error" and not results[0].completions
     assert server.chat_calls == 4 and teacher.counters["infra_errors"] == 1
+
+
+def test_a_key_the_server_echoes_is_scrubbed_from_the_error(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-echoed-1234567890")
+    with (
+        FakeOpenAIServer(scripted(Reply(401, "Incorrect API key provided: sk-echoed-1234567890"))) as server,
+        pytest.raises(TeacherConfigError) as error,
+    ):
+        _ask(server.url)
+    assert server.authorizations[-1] == "Bearer sk-echoed-1234567890"
+    assert "sk-echoed-1234567890" not in str(error.value) and "***" in str(error.value)

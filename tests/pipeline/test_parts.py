@@ -23,14 +23,19 @@ def test_parts_close_every_n_rows_and_keep_a_problems_samples_together(tmp_path)
     assert read_ledger(tmp_path) == set("abcde")
 
 
-def test_part_closes_after_max_seconds(tmp_path):
-    writer = PartWriter(tmp_path, max_rows=1000, max_seconds=0.05)
-    writer.add(_rows("a"))
-    assert not closed_parts(tmp_path)
-    time.sleep(0.06)
-    assert writer.due()
-    writer.add(_rows("b"))
-    assert len(closed_parts(tmp_path)) == 1
+def test_part_closes_after_max_seconds_even_when_no_more_rows_arrive(tmp_path):
+    """A slow teacher sends nothing for minutes: the rows already finished must not wait in memory for the next."""
+    with PartWriter(tmp_path, max_rows=1000, max_seconds=0.3) as writer:
+        writer.add(_rows("a"))
+        assert not closed_parts(tmp_path)
+        deadline = time.monotonic() + 3
+        while not closed_parts(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        parts = closed_parts(tmp_path)
+        assert len(parts) == 1, "the part must close on its own after max_seconds, with no add() after it"
+        assert pq.read_table(parts[0]).column("problem_id").to_pylist() == ["a", "a"]
+        writer.add(_rows("b"))  # a later problem opens a new part, closed on exit
+    assert len(closed_parts(tmp_path)) == 2 and read_ledger(tmp_path) == {"a", "b"}
 
 
 def test_ledger_ignores_and_removes_a_killed_writers_temporary_part(tmp_path):

@@ -105,3 +105,15 @@ def test_missing_card_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", NoNetwork)
     with pytest.raises(ValueError, match=re.escape("README.md: missing")):
         publish(tmp_path, "me/demo", dry_run=True)
+
+
+def test_a_build_is_published_with_its_test_problems(tmp_path, monkeypatch, no_token):
+    # `distill eval` scores a build on every test problem, solved or not: the Hub copy must carry them too.
+    from pipeline.build import build
+    from pipeline.build_config import BuildConfig
+    from tests.pipeline.test_build import _make_run
+
+    _make_run(tmp_path / "run", problems=20)
+    build(tmp_path / "run", BuildConfig(test_fraction=0.2), base_dir=tmp_path)
+    monkeypatch.setattr(huggingface_hub, "HfApi", NoNetwork)
+    assert "test_problems.parquet" in publish(tmp_path / "run" / "dataset", "me/demo", dry_run=True)

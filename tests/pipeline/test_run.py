@@ -13,6 +13,7 @@ import yaml
 
 from pipeline.config import RecipeError
 from pipeline.models import EMBEDDED_ALIAS
+from pipeline.parts import PartWriter
 from pipeline.run import _stage_hashes, load_run_recipe
 from tests.conftest import ROOT, sigint_as_in_a_terminal
 
@@ -171,3 +172,156 @@ def test_an_interrupted_sft_resumes_from_its_checkpoint_without_regenerating(tmp
     assert third.returncode == 0, out[-3000:]
     last = (run_dir / "run.log").read_text().split("[run] recipe tiny")[-1]
     assert last.count("skipped: complete and inputs unchanged") == 6
+
+
+# ---- the generate stage's inputs: a change runs in a new folder, the old one kept
+
+
+def _served_recipe(tmp_path, url, **changes) -> dict:
+    """Generate -> verify -> build only, on two file problems answered by a scripted OpenAI-compatible server."""
+    recipe = {
+        "name": "served",
+        "sources": [{"type": "file", "path": str(tmp_path / "problems.jsonl")}],
+        "sampling": {"n": 2, "max_tokens": 16},
+        "teacher": {"backend": "openai", "model": "m", "endpoints": [url]},
+        "output": {"runs_dir": str(tmp_path / "runs")},
+        "verify": {"filters": {"enabled": []}},
+        "build": {"near_dup_threshold": None},
+    }
+    recipe.update(changes)
+    return recipe
+
+
+def _write_problems(tmp_path, first_prompt: str) -> None:
+    rows = [{"id": "q1", "prompt": first_prompt, "reference": "4"}, {"id": "q2", "prompt": "1+3?", "reference": "4"}]
+    (tmp_path / "problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _folder_state(run_dir):
+    files = [*(run_dir / "raw").glob("part-*.parquet"), run_dir / "stages" / "generate.json", run_dir / "run.json"]
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+
+
+def test_changed_generate_inputs_run_in_a_new_folder_and_the_old_one_is_kept(tmp_path, monkeypatch):
+    from pipeline.run import run
+    from tests.fake_openai import FakeOpenAIServer
+
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    _write_problems(tmp_path, "2+2?")
+    runs = tmp_path / "runs"
+    with FakeOpenAIServer() as server:
+        first = write(tmp_path, _served_recipe(tmp_path, server.url))
+        assert run(load_run_recipe(first), quiet=True) == 0
+        original = runs / "served"
+        kept = _folder_state(original)
+        assert server.chat_calls == 2 and (original / "dataset" / "manifest.json").exists()
+
+        # Another sampling: the rows of the first run answer other settings, so the run goes elsewhere, whole.
+        assert run(load_run_recipe(first, ["sampling.temperature=0.7"]), quiet=True) == 0
+        (resampled,) = set(runs.iterdir()) - {original}
+        assert resampled.name.startswith("served-") and server.chat_calls == 4
+        assert (resampled / "dataset" / "manifest.json").exists()
+        rows = ds.dataset(resampled / "raw").to_table(columns=["sampling"]).to_pylist()
+        assert {json.loads(r["sampling"])["temperature"] for r in rows} == {0.7}
+        assert _folder_state(original) == kept  # the old folder is untouched
+        assert "is kept as it is" in (resampled / "run.log").read_text()
+
+        # An edited row that keeps its id is another problem: not answered with the old rows.
+        _write_problems(tmp_path, "2+2=?")
+        assert run(load_run_recipe(first), quiet=True) == 0
+        (edited,) = set(runs.iterdir()) - {original, resampled}
+        prompts = ds.dataset(edited / "raw").to_table(columns=["problem_id", "prompt"]).to_pylist()
+        assert {(r["problem_id"], r["prompt"]) for r in prompts} == {("q1", "2+2=?"), ("q2", "1+3?")}
+        assert _folder_state(original) == kept and server.chat_calls == 6
+
+        # The same recipe again: its folder is found, every stage skipped, no teacher call.
+        assert run(load_run_recipe(first), quiet=True) == 0
+        assert server.chat_calls == 6 and set(runs.iterdir()) == {original, resampled, edited}
+        assert (edited / "run.log").read_text().split("[run] recipe")[-1].count("skipped: complete") == 3
+
+
+def test_a_retrained_teacher_in_the_same_folder_changes_the_generate_stage(tmp_path):
+    from tests.pipeline.test_models import _save
+
+    teacher = tmp_path / "teacher"
+    _save(teacher, seed=0)
+    recipe = tiny_recipe(tmp_path, teacher={"model": str(teacher)})
+    before = _stage_hashes(load_run_recipe(write(tmp_path, recipe)))
+    _save(teacher, seed=1)
+    after = _stage_hashes(load_run_recipe(write(tmp_path, recipe)))
+    assert before["generate"] != after["generate"]
+
+
+def _answered(pid: str, prompt: str, reference: str, i: int) -> dict:
+    """A raw row as the generate stage writes it: the teacher's answer to one math problem."""
+    completion = f"<think>\nSix times seven is forty-two, sample {i}.\n</think>\n\n\\boxed{{42}}"
+    return {
+        "problem_id": pid,
+        "sample_index": i,
+        "source": "math",
+        "domain": "math",
+        "prompt": prompt,
+        "reference": reference,
+        "metadata": "{}",
+        "messages": json.dumps([{"role": "user", "content": prompt}]),
+        "completion": completion,
+        "reasoning": f"Six times seven is forty-two, sample {i}.",
+        "answer": "\\boxed{42}",
+        "finish_reason": "stop",
+        "prompt_tokens": 20,
+        "completion_tokens": 30,
+        "teacher": EMBEDDED_ALIAS,
+        "sampling": "{}",
+        "config_hash": "c",
+    }
+
+
+def test_a_reference_no_verifier_can_read_is_reported_and_never_stops_or_redoes_a_run(tmp_path):
+    # Problem "blank" has no gold answer (null in its file): a data fault. Every problem is already answered in
+    # raw/, so generate calls no teacher; each command must finish with exit 0, say so, and verify nothing again.
+    problems = [("six", "What is 6 times 7?", "42"), ("blank", "What is 7 times 6?", None)]
+    (tmp_path / "math.jsonl").write_text(
+        "".join(json.dumps({"id": pid, "prompt": q, "reference": ref}) + "\n" for pid, q, ref in problems)
+    )
+    recipe = {
+        "name": "faulty",
+        "sources": [{"type": "file", "path": "math.jsonl", "domain": "math"}],
+        "sampling": {"n": 2, "max_tokens": 32},
+        "teacher": {"model": EMBEDDED_ALIAS},
+        "output": {"runs_dir": str(tmp_path / "runs")},
+        "verify": {"filters": {"enabled": []}},
+        "build": {"near_dup_threshold": None},
+    }
+    config = write(tmp_path, recipe)
+    run_dir = tmp_path / "runs" / "faulty"
+    with PartWriter(run_dir / "raw", max_rows=2, max_seconds=60) as writer:
+        for pid, question, reference in problems:
+            writer.add([_answered(pid, question, reference or "", i) for i in range(2)])
+
+    def distill(*args):
+        env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
+        cmd = [sys.executable, "-m", "pipeline.cli", *args]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    def verify_stats():
+        return json.loads((run_dir / "stats.json").read_text())["verify"]
+
+    generated = distill("generate", config, "-q")  # inline verify
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert "2 verdict(s) are data faults (math:bad_reference x2)" in generated.stderr
+    stats = verify_stats()
+    assert (stats["parts_verified"], stats["passed"], stats["infra_error"], stats["data_fault"]) == (2, 2, 0, 2)
+    assert stats["data_faults"] == {"math:bad_reference": 2}
+
+    verified = distill("verify", str(run_dir), "-q")
+    assert verified.returncode == 0, verified.stderr[-3000:]
+    assert (verify_stats()["parts_verified"], verify_stats()["all_parts"]["data_fault"]) == (0, 2)
+
+    for attempt in range(2):
+        ran = distill("run", "--config", config, "-q")
+        assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+        assert verify_stats()["parts_verified"] == 0, attempt
+    card = (run_dir / "dataset" / "README.md").read_text()
+    assert "| data_fault:math:bad_reference | 2 |" in card
+    kept = ds.dataset(run_dir / "dataset" / "data").to_table().to_pylist()
+    assert {r["problem_id"] for r in kept} == {"six"}

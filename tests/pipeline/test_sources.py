@@ -8,10 +8,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import reasoning_gym
 
 from pipeline.config import FileSource, GymSource, HFSource, HumanEvalSource
 from pipeline.records import stable_id
-from pipeline.sources import iter_problems, load_problems
+from pipeline.sources import iter_problems, load_problems, problems_digest
 
 
 def write_jsonl(path: Path, lines: list[str]) -> Path:
@@ -155,20 +156,46 @@ def test_reasoning_gym_deterministic(tmp_path):
     assert rejects == []
     assert len(problems) == 6
     assert [(p.id, p.prompt, p.reference) for p in problems] == [(p.id, p.prompt, p.reference) for p in again]
-    assert problems[0].id == "reasoning_gym-basic_arithmetic-5-0"
-    assert problems[3].id == "reasoning_gym-leg_counting-5-0"
+    assert problems[0].id.startswith("reasoning_gym-basic_arithmetic-5-0-")
+    assert problems[3].id.startswith("reasoning_gym-leg_counting-5-0-")
     assert all(p.domain == "gym" for p in problems)
     ref = json.loads(problems[4].reference)
-    assert ref["task"] == "leg_counting" and ref["answer"] == ref["entry"]["answer"]
-    assert ref["entry"]["question"] == problems[4].prompt
-    assert problems[4].metadata == {"task": "leg_counting", "seed": 5, "index": 1}
+    entry = reasoning_gym.create_dataset("leg_counting", size=3, seed=5)[1]
+    assert ref == {
+        "task": "leg_counting",
+        "config": {},
+        "seed": 5,
+        "size": 3,
+        "index": 1,
+        "question": problems[4].prompt,
+        "answer": entry["answer"],
+    }
+    assert entry["question"] == problems[4].prompt  # task, config, seed and index regenerate the very entry
+    assert problems[4].metadata == {"task": "leg_counting", "config": {}, "seed": 5, "index": 1}
     other, _ = load_problems([GymSource(tasks=["basic_arithmetic"], size=3, seed=6)], tmp_path)
     assert [p.prompt for p in other] != [p.prompt for p in problems[:3]]
-    easy = GymSource(tasks=["chain_sum"], size=20, seed=5, config={"min_terms": 2, "max_terms": 2, "max_digits": 1})
-    sums, _ = load_problems([easy], tmp_path)
-    assert {json.loads(p.reference)["entry"]["metadata"]["num_terms"] for p in sums} == {2}
+    config = {"min_terms": 2, "max_terms": 2, "max_digits": 1}
+    sums, _ = load_problems([GymSource(tasks=["chain_sum"], size=20, seed=5, config=config)], tmp_path)
+    assert {
+        reasoning_gym.create_dataset("chain_sum", size=20, seed=5, **config)[i]["metadata"]["num_terms"]
+        for i in range(20)
+    } == {2}
+    assert all(json.loads(p.reference)["config"] == config for p in sums)
     with pytest.raises(ValueError, match="'basic_arithmetc'; did you mean basic_arithmetic"):
         load_problems([GymSource(tasks=["basic_arithmetc"])], tmp_path)
+
+
+def test_a_gym_problem_id_changes_with_its_config(tmp_path):
+    # Another difficulty is another problem: resuming must not answer it with the rows of the old one.
+    hard = GymSource(tasks=["chain_sum"], size=3, seed=5, config={"min_terms": 4, "max_terms": 4})
+    easy = GymSource(tasks=["chain_sum"], size=3, seed=5, config={"min_terms": 2, "max_terms": 2})
+    (hard_problems, _), (easy_problems, _) = load_problems([hard], tmp_path), load_problems([easy], tmp_path)
+    assert not {p.id for p in hard_problems} & {p.id for p in easy_problems}
+    assert [p.id for p in load_problems([hard], tmp_path)[0]] == [p.id for p in hard_problems]  # and stays stable
+    # A setting that changes no question (here, one the default already has) still names another task config.
+    same = GymSource(tasks=["chain_sum"], size=3, seed=5, config={"min_terms": 4, "max_terms": 4, "min_digits": 1})
+    assert [p.prompt for p in load_problems([same], tmp_path)[0]] == [p.prompt for p in hard_problems]
+    assert not {p.id for p in load_problems([same], tmp_path)[0]} & {p.id for p in hard_problems}
 
 
 def test_humaneval(tmp_path):
@@ -216,3 +243,44 @@ def test_hf_folder_of_data_files(tmp_path):
     write_jsonl(folder / "train.jsonl", [json.dumps({"prompt": "x1"}), json.dumps({"prompt": "x2"})])
     problems, _ = load_problems([HFSource(path="files")], tmp_path)
     assert [p.prompt for p in problems] == ["x1", "x2"]
+
+
+# ---- an edited row that keeps its id is another problem
+
+
+def test_the_problems_digest_covers_each_rows_content_not_only_its_id(tmp_path):
+    rows = [{"id": "q1", "prompt": "2+2?", "reference": "4"}, {"id": "q2", "prompt": "1+3?", "reference": "4"}]
+    path = write_jsonl(tmp_path / "p.jsonl", [json.dumps(r) for r in rows])
+    before = problems_digest(load_problems([FileSource(path=str(path))], tmp_path)[0])
+    assert problems_digest(load_problems([FileSource(path=str(path))], tmp_path)[0]) == before
+    for edit in ({"reference": "5"}, {"prompt": "2+2=?"}, {"domain": "text"}, {"note": "extra column"}):
+        write_jsonl(path, [json.dumps(rows[0] | edit), json.dumps(rows[1])])
+        assert problems_digest(load_problems([FileSource(path=str(path))], tmp_path)[0]) != before, edit
+
+
+def test_resuming_a_generation_after_a_row_was_edited_under_its_id_is_refused(tmp_path, monkeypatch):
+    from pipeline.config import RecipeError, load_recipe
+    from pipeline.generate import generate
+    from tests.fake_openai import FakeOpenAIServer
+
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    path = tmp_path / "p.jsonl"
+    rows = [{"id": "q1", "prompt": "2+2?", "reference": "4"}, {"id": "q2", "prompt": "1+3?", "reference": "4"}]
+    write_jsonl(path, [json.dumps(r) for r in rows])
+    with FakeOpenAIServer() as server:
+        recipe = load_recipe(
+            None,
+            defaults={
+                "name": "edited",
+                "sources": [{"type": "file", "path": str(path)}],
+                "teacher": {"backend": "openai", "model": "m", "endpoints": [server.url]},
+                "output": {"runs_dir": str(tmp_path / "runs")},
+            },
+        )
+        generate(recipe, quiet=True)
+        write_jsonl(path, [json.dumps(r) for r in [*rows, {"id": "q3", "prompt": "3+3?", "reference": "6"}]])
+        assert generate(recipe, quiet=True)["problems_answered"] == 1  # a new row is resumed: only q3 is asked
+        write_jsonl(path, [json.dumps(rows[0] | {"reference": "5"}), json.dumps(rows[1])])
+        with pytest.raises(RecipeError, match=r"problem\(s\) q1 changed since they were generated"):
+            generate(recipe, quiet=True)
+        assert server.chat_calls == 3

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,7 @@ from pipeline.weighting import (
     normalize_to_mean_one,
     normalized_entropy,
     pass_rate,
+    problem_agreement,
     sample_weight,
     scale,
 )
@@ -187,3 +190,43 @@ def test_scale_matches_batch_normalization():
     assert scale(0.2, 0.5) == pytest.approx(0.4)
     assert scale(0.0, 0.0) == 1.0
     assert scale(0.7, 0.0) == 1.0
+
+
+# ---- code: no comparable final answer
+
+
+def test_undefined_agreement_is_a_neutral_factor():
+    assert problem_agreement("code", [None, None, None]) is None
+    assert problem_agreement("math", [None, None]) == 0.0  # math answers are comparable: two unreadable disagree
+    assert combine(0.75, None, 0.5, mode="sample_x_agreement") == 0.75
+
+
+def test_sample_x_agreement_keeps_code_samples_weighted_by_their_certainty():
+    """Two passing programs (no extracted answer) of entropies 0.4 and 0.8 nats, K = 5: weights 1 - H / ln 5."""
+    from pipeline.build_config import BuildConfig
+    from pipeline.selection import Selector
+
+    rows = [
+        {
+            "problem_id": "c1",
+            "sample_index": i,
+            "source": "humaneval",
+            "domain": "code",
+            "prompt": "def f(): ...",
+            "reference": "{}",
+            "messages": None,
+            "reasoning": f"plan {i}",
+            "answer": f"```python\ndef f():\n    return {i}\n```",
+            "status": "passed",
+            "failed_filters": [],
+            "verdict_detail": json.dumps({"isolation": "bwrap"}),
+            "mean_token_entropy": entropy,
+            "entropy_top_k": 5,
+            "completion_tokens": 10,
+        }
+        for i, entropy in enumerate((0.4, 0.8))
+    ]
+    selector = Selector(BuildConfig(weighting="sample_x_agreement", near_dup_threshold=None), Path("."))
+    kept = [row for row, reason in selector.select(rows) if reason is None]
+    assert [r["weight"] for r in kept] == pytest.approx([1 - 0.4 / math.log(5), 1 - 0.8 / math.log(5)])
+    assert [r["answer_agreement"] for r in kept] == [None, None]
