@@ -33,12 +33,15 @@ class CodeConfig(Strict):
     isolation: Literal["auto", "bwrap", "rlimit"] = Field(
         "auto", description="auto and bwrap: bubblewrap, refused where it cannot run; rlimit: the weaker fallback"
     )
+    limits: Literal["auto", "cgroup", "per_process"] = Field(
+        "auto", description="memory and process caps per sandbox (cgroup); auto: else per process; cgroup: required"
+    )
     timeout_s: float = Field(
         10.0, gt=0, description="wall-clock deadline per program, killed past it; an overrun is retried once at 2x"
     )
     cpu_s: int = Field(10, ge=1, description="CPU seconds per program (RLIMIT_CPU)")
-    memory_mb: int = Field(1024, ge=64, description="address space per program (RLIMIT_AS)")
-    max_processes: int = Field(64, ge=1, description="processes per sandbox (RLIMIT_NPROC / pid namespace)")
+    memory_mb: int = Field(1024, ge=64, description="memory per sandbox (cgroup) and address space per process")
+    max_processes: int = Field(64, ge=1, description="processes per sandbox (pids.max, RLIMIT_NPROC)")
     max_open_files: int = Field(64, ge=16, description="open files per program (RLIMIT_NOFILE)")
     max_output_bytes: int = Field(1_000_000, ge=1024, description="stdout/stderr kept; a program writing more fails")
     workers: int = Field(default_factory=default_workers, ge=1, description="programs run at once (default: cores)")

@@ -28,7 +28,7 @@ from pipeline.verifiers.base import (
     VerifyItem,
     load_reference,
 )
-from pipeline.verifiers.sandbox import SandboxResult, resolve_isolation, run_python
+from pipeline.verifiers.sandbox import SandboxResult, resolve_isolation, resolve_limits, run_python
 from pipeline.verify_config import CodeConfig
 
 _FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+-]*)[^\n]*\n(.*?)^[ \t]*```", re.MULTILINE | re.DOTALL)
@@ -86,6 +86,12 @@ def _defines(code: str, name: str) -> bool:
     return re.search(pattern, code, re.MULTILINE) is not None
 
 
+def _reason(reason: str, result: SandboxResult) -> str:
+    """A process the kernel killed at the sandbox's memory limit dies like any other, and what fails after it (an
+    error, a wrong answer) fails for want of memory: the cgroup tells. The deadline and the output cap stay."""
+    return "memory" if result.memory_exceeded and reason not in ("timeout", "output_limit") else reason
+
+
 def _failure(result: SandboxResult) -> Verdict | None:
     """The verdict for a run that did not end normally; None when it exited with status 0 within its limits."""
     detail: dict[str, Any] = {"isolation": result.isolation, "limits": result.limits}
@@ -99,7 +105,7 @@ def _failure(result: SandboxResult) -> Verdict | None:
         return Verdict(FAILED, "output_limit", detail)
     if result.exit_code != 0:
         stderr_tail = result.stderr[-_STDERR_TAIL_CHARS:]
-        reason = "memory" if "MemoryError" in stderr_tail else "runtime_error"
+        reason = "memory" if "MemoryError" in stderr_tail else _reason("runtime_error", result)
         return Verdict(FAILED, reason, {**detail, "exit_code": result.exit_code, "stderr": stderr_tail})
     return None
 
@@ -107,8 +113,8 @@ def _failure(result: SandboxResult) -> Verdict | None:
 class CodeVerifier(Verifier):
     """Runs up to cfg.workers programs at once; threads suffice because the work happens in sandbox processes.
 
-    Raises SandboxUnavailable when created where the configured isolation cannot run, so that a run stops before
-    judging anything rather than recording every row as an infrastructure error.
+    Raises SandboxUnavailable when created where the configured isolation or limits cannot be had, so that a run stops
+    before judging anything rather than recording every row as an infrastructure error.
     """
 
     name = "code"
@@ -116,6 +122,7 @@ class CodeVerifier(Verifier):
     def __init__(self, cfg: CodeConfig) -> None:
         self.cfg = cfg
         self.isolation = resolve_isolation(cfg)
+        resolve_limits(cfg)
         self._pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="code-verifier")
 
     def verify_batch(self, items: list[VerifyItem]) -> list[Verdict]:
@@ -166,10 +173,11 @@ class CodeVerifier(Verifier):
             report = json.loads(result.report)
         except json.JSONDecodeError:  # the checker was killed (by the candidate, say) before it could report
             stderr = result.stderr[-_STDERR_TAIL_CHARS:]
-            return Verdict(FAILED, "runtime_error", {**detail, "error": "the tests did not finish", "stderr": stderr})
+            error = {"error": "the tests did not finish", "stderr": stderr}
+            return Verdict(FAILED, _reason("runtime_error", result), {**detail, **error})
         if report["passed"]:
             return Verdict(PASSED, "correct", detail)
-        return Verdict(FAILED, report["reason"], {**detail, "error": report["error"]})
+        return Verdict(FAILED, _reason(report["reason"], result), {**detail, "error": report["error"]})
 
     def _run_cases(self, code: str, cases: list[tuple[str, str]]) -> Verdict:
         detail: dict[str, Any] = {"isolation": self.isolation}
@@ -182,5 +190,5 @@ class CodeVerifier(Verifier):
                 return failure
             if normalize_output(result.stdout) != normalize_output(expected):
                 excerpts = {"expected": expected[:_EXCERPT_CHARS], "got": result.stdout[:_EXCERPT_CHARS]}
-                return Verdict(FAILED, "wrong_output", {**detail, "case": index, **excerpts})
+                return Verdict(FAILED, _reason("wrong_output", result), {**detail, "case": index, **excerpts})
         return Verdict(PASSED, "correct", {**detail, "cases": len(cases)})

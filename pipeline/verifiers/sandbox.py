@@ -9,8 +9,9 @@ Where bubblewrap cannot run, a run is refused (`SandboxUnavailable`) unless the 
 audit hook against network, process spawning, and touching files outside the work folder. That hook is a speed bump,
 not a wall: Python's audit hooks are no security boundary.
 
-Limits are rlimits, which bind each process alone (RLIMIT_NPROC counts the run's uid, when root): a program that forks
-gets the memory limit once per process. `SandboxResult.limits` says so in every verdict.
+Memory and process limits hold for the sandbox as a whole where the machine allows a cgroup per run (see cgroups):
+rlimits alone bind each process on its own, so a program that forks would get the memory limit once per process. The
+rlimits stay as a second line; `SandboxResult.limits` says in every verdict which limits held.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.verifiers import suite_harness
+from pipeline.verifiers import cgroups, suite_harness
 from pipeline.verify_config import CodeConfig
 
 FILE_SIZE_LIMIT_BYTES = 10 * 2**20  # RLIMIT_FSIZE: no single file written may be larger
@@ -49,6 +50,9 @@ _STDERR_TAIL_CHARS = 2000
 _LAUNCHER = r"""
 import json, os, resource, runpy, sys
 cfg = json.loads(sys.argv[1])
+for fd in cfg["cgroup_fds"]:  # joined before anything else runs, so that all the program forks is inside
+    os.write(fd, b"0")
+    os.close(fd)
 if cfg["uid"] is not None:
     os.setgroups([])
     os.setgid(cfg["uid"])
@@ -111,7 +115,8 @@ class SandboxResult:
     wall_s: float
     setup_error: str | None = None  # the sandbox itself failed before the program ran: an infrastructure fault
     report: str = ""  # with a test suite: the checker's JSON report (empty when the checker wrote none)
-    limits: str = "per_process"  # memory, CPU and open-file limits bind each process of the sandbox on its own
+    limits: str = "per_process"  # "cgroup_v2" | "cgroup_v1": memory and processes limited for the whole sandbox
+    memory_exceeded: bool = False  # the kernel killed a process of the sandbox for going over its memory limit
 
 
 class _UidPool:
@@ -218,7 +223,7 @@ def _bwrap_problem(bwrap: str | None) -> str | None:
     cfg = CodeConfig(isolation="bwrap", timeout_s=20, workers=1)
     uid = _UIDS.acquire() if os.geteuid() == 0 else None
     try:
-        result = _run_bwrap("pass", "", None, cfg, uid, time.monotonic())
+        result = _run_bwrap("pass", "", None, cfg, uid, time.monotonic(), None)
     finally:
         if uid is not None:
             _UIDS.release(uid)
@@ -248,6 +253,28 @@ def resolve_isolation(cfg: CodeConfig) -> str:
     )
 
 
+def cgroup_support() -> tuple[str | None, tuple[Path, ...], str | None]:
+    """cgroups.available, probed with a uid no run uses (when root) since the fallback's launcher joins as its uid."""
+    return cgroups.available(SANDBOX_UID_BASE - 1 if os.geteuid() == 0 else None)
+
+
+def resolve_limits(cfg: CodeConfig) -> str:
+    """The limits runs under cfg get: "cgroup_v2" or "cgroup_v1" for the whole sandbox, else "per_process" rlimits;
+    raises SandboxUnavailable where the settings ask for cgroups and none can be made."""
+    if cfg.limits == "per_process":
+        return "per_process"
+    kind, _, problem = cgroup_support()
+    if kind is not None:
+        return kind
+    if cfg.limits == "auto":
+        return "per_process"
+    raise SandboxUnavailable(
+        f"verify.code.limits=cgroup: no cgroup can be made for a sandbox run here ({problem}). Run the verifier as "
+        "root with cgroup v2 delegating the memory and pids controllers to its cgroup, or with cgroup v1's memory and "
+        "pids hierarchies mounted read-write; or set verify.code.limits=auto to accept per-process rlimits."
+    )
+
+
 @functools.cache
 def _fallback_python(drop_privileges: bool) -> str | None:
     """The interpreter the dropped uid can execute: a root-only home folder hides the one this process runs."""
@@ -271,14 +298,24 @@ def run_python(program: str, stdin: str = "", *, cfg: CodeConfig, suite: dict | 
     With suite ({"tests", "entry_point", "prompt"}), the program is the candidate and the suite harness's checker
     judges it: `report` holds the checker's verdict.
     """
-    isolation = resolve_isolation(cfg)
+    isolation, limits = resolve_isolation(cfg), resolve_limits(cfg)
+    group = None
+    if limits != "per_process":
+        try:
+            group = cgroups.SandboxCgroup(limits, cgroup_support()[1], cfg.memory_mb * 2**20, cfg.max_processes)
+        except OSError as exc:
+            return _not_started(isolation, f"cannot make the run's cgroup: {exc!r}")
     uid = _UIDS.acquire() if os.geteuid() == 0 else None
     started = time.monotonic()
     try:
-        if isolation == "bwrap":
-            return _run_bwrap(program, stdin, suite, cfg, uid, started)
-        return _run_rlimit(program, stdin, suite, cfg, uid, started)
+        run = _run_bwrap if isolation == "bwrap" else _run_rlimit
+        result = run(program, stdin, suite, cfg, uid, started, group)
+        result.limits = limits
+        result.memory_exceeded = group is not None and group.oom_killed()
+        return result
     finally:
+        if group is not None:  # kills what is left of the run
+            group.remove()
         if uid is not None:
             _UIDS.release(uid)
 
@@ -301,14 +338,15 @@ def _suite_file(suite: dict[str, str] | None):
         yield handle.fileno()
 
 
-def _launch(limits: list, program: str, suite: dict[str, str] | None, suite_fd: int | None, **extra) -> dict:
+def _launch(limits: list, program: str, suite: dict[str, str] | None, suite_fd: int | None, group, **extra) -> dict:
     harness = None if suite is None else {"fd": suite_fd, "entry_point": suite["entry_point"]}
     if harness is not None:
         harness["harness"] = _harness_source()
-    return {"limits": limits, "program": program, "suite": harness, **extra}
+    cgroup_fds = [] if group is None else group.join_fds
+    return {"limits": limits, "program": program, "suite": harness, "cgroup_fds": cgroup_fds, **extra}
 
 
-def _run_bwrap(program, stdin, suite, cfg: CodeConfig, uid: int | None, started: float) -> SandboxResult:
+def _run_bwrap(program, stdin, suite, cfg: CodeConfig, uid: int | None, started: float, group) -> SandboxResult:
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         return _not_started("bwrap", "bubblewrap (bwrap) is not installed")
@@ -317,13 +355,13 @@ def _run_bwrap(program, stdin, suite, cfg: CodeConfig, uid: int | None, started:
         program_file.flush()
         program_file.seek(0)
         argv = _bwrap_argv(bwrap, _base_python(), program_file.fileno(), privileged=uid is not None)
-        launch = _launch(_limits(cfg), "main.py", suite, suite_fd, uid=uid, guard=False)
-        fds = [program_file.fileno()] + ([] if suite_fd is None else [suite_fd])
+        launch = _launch(_limits(cfg), "main.py", suite, suite_fd, group, uid=uid, guard=False)
+        fds = [program_file.fileno(), *launch["cgroup_fds"]] + ([] if suite_fd is None else [suite_fd])
         popen = {"env": _environment(SANDBOX_WORK_DIR), "cwd": "/", "pass_fds": fds}
         return _supervise(argv, launch, popen, stdin, cfg, "bwrap", started)
 
 
-def _run_rlimit(program, stdin, suite, cfg: CodeConfig, uid: int | None, started: float) -> SandboxResult:
+def _run_rlimit(program, stdin, suite, cfg: CodeConfig, uid: int | None, started: float, group) -> SandboxResult:
     python = _fallback_python(uid is not None)
     if python is None:
         return _not_started("rlimit", f"no Python interpreter runs as uid {uid}")
@@ -334,9 +372,9 @@ def _run_rlimit(program, stdin, suite, cfg: CodeConfig, uid: int | None, started
         with open(os.path.join(work_dir, "main.py"), "w") as handle:
             handle.write(program)
         with _suite_file(suite) as suite_fd:
-            launch = _launch(_limits(cfg), "main.py", suite, suite_fd, uid=None, guard=True, work_dir=work_dir)
+            launch = _launch(_limits(cfg), "main.py", suite, suite_fd, group, uid=None, guard=True, work_dir=work_dir)
             launch["readable"] = ["/usr", "/lib", "/lib64", "/bin", "/etc", "/dev"]
-            fds = [] if suite_fd is None else [suite_fd]
+            fds = launch["cgroup_fds"] + ([] if suite_fd is None else [suite_fd])
             popen = {"env": _environment(work_dir), "cwd": work_dir, "user": uid, "group": uid, "pass_fds": fds}
             popen |= {"extra_groups": [] if uid is not None else None, "preexec_fn": _die_with_parent}
             return _supervise([python], launch, popen, stdin, cfg, "rlimit", started)

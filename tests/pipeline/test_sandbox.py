@@ -8,12 +8,14 @@ import os
 import resource
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from pipeline.verifiers import cgroups, sandbox
 from pipeline.verifiers.sandbox import SandboxUnavailable, resolve_isolation, run_python, sandbox_uids
 from pipeline.verify_config import CodeConfig
 
@@ -30,6 +32,8 @@ def _bwrap_runs() -> bool:
 
 
 HAS_BWRAP = _bwrap_runs()
+CGROUPS, CGROUP_PARENTS, NO_CGROUPS = sandbox.cgroup_support()
+needs_cgroups = pytest.mark.skipif(CGROUPS is None, reason=f"no cgroup for a sandbox run here: {NO_CGROUPS}")
 
 
 def _sandbox_processes() -> list[int]:
@@ -99,7 +103,7 @@ def test_a_suite_run_reports_through_the_checker_alone(isolation):
     )
     assert json.loads(passing.report) == {"passed": True}
     assert json.loads(failing.report)["passed"] is False
-    assert passing.limits == failing.limits == "per_process"
+    assert passing.limits == failing.limits == (CGROUPS or "per_process")
 
 
 def test_the_candidate_of_a_suite_is_contained_like_any_program(hostile):
@@ -234,3 +238,94 @@ def test_a_gigabyte_of_output_is_cut_off_quickly(hostile):
     assert len(result.stdout) == 100_000
     assert result.wall_s < 2
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # KiB
+
+
+# Four children hold 60% of the memory limit each at the same time; each alone is well within it.
+FORKED_ALLOCATIONS = """
+import os, sys, time
+children = []
+for _ in range(4):
+    pid = os.fork()
+    if pid == 0:
+        data = b"x" * (96 * 2**20)
+        time.sleep(1)
+        os._exit(0)
+    children.append(pid)
+statuses = [os.waitpid(pid, 0)[1] for pid in children]
+print(statuses)
+sys.exit(1 if any(statuses) else 0)
+"""
+
+
+def _leftover_cgroups() -> list[Path]:
+    return [path for parent in CGROUP_PARENTS for path in parent.glob(f"{cgroups.PREFIX}{os.getpid()}-*")]
+
+
+@needs_cgroups
+def test_forked_children_share_one_memory_limit(hostile):
+    result = _run(FORKED_ALLOCATIONS, hostile, memory_mb=160)
+    assert (result.limits, result.memory_exceeded) == (CGROUPS, True)
+    assert result.exit_code == 1 and "9" in result.stdout  # SIGKILLed by the kernel at the cgroup's limit
+
+
+def test_per_process_limits_give_each_forked_child_the_whole_limit(hostile):
+    result = _run(FORKED_ALLOCATIONS, hostile, memory_mb=160, limits="per_process")
+    assert (result.exit_code, result.stdout, result.limits, result.memory_exceeded) == (
+        0,
+        "[0, 0, 0, 0]\n",
+        "per_process",
+        False,
+    )
+
+
+@needs_cgroups
+def test_pids_max_alone_bounds_a_fork_tree(hostile, monkeypatch):
+    """Without RLIMIT_NPROC (which the uid switch also makes per sandbox), the cgroup stops children and grandchildren
+    together: the tree ends with exactly max_processes processes."""
+    with_nproc = sandbox._limits
+    monkeypatch.setattr(sandbox, "_limits", lambda cfg: [lim for lim in with_nproc(cfg) if lim[0] != "RLIMIT_NPROC"])
+    program = (
+        "import os, time\nread, write = os.pipe()\nos.set_blocking(read, False)\n"
+        "def child():\n    os.write(write, b'x')\n    time.sleep(30)\n    os._exit(0)\n"
+        "while True:\n    try:\n        if os.fork() == 0:\n            try:\n                if os.fork() == 0:\n"
+        "                    child()\n            except OSError:\n                pass\n            child()\n"
+        "    except OSError:\n        break\n"
+        "time.sleep(0.5)\nprint(1 + len(os.read(read, 4096)))"
+    )
+    result = _run(program, hostile, max_processes=24)
+    assert (result.exit_code, result.stdout, result.limits) == (0, "24\n", CGROUPS)
+
+
+@needs_cgroups
+def test_each_run_removes_its_cgroup_after_killing_what_is_left(hostile):
+    program = (
+        "import os, signal, time\nif os.fork() == 0:\n    os.setsid()\n"
+        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n    time.sleep(1000)\nprint('parent done')"
+    )
+    assert _run(program, hostile).stdout == "parent done\n"
+    assert _leftover_cgroups() == []
+
+
+@needs_cgroups
+def test_removing_a_cgroup_kills_the_processes_still_in_it():
+    """The last line of cleanup, for what outlived the process group, the uid sweep and the pid namespace."""
+    group = cgroups.SandboxCgroup(CGROUPS, CGROUP_PARENTS, 64 * 2**20, 8)
+    joins = "".join(f"os.write({fd}, b'0')\n" for fd in group.join_fds)
+    program = f"import os, time\n{joins}if os.fork() == 0:\n    os.setsid()\n    time.sleep(1000)\ntime.sleep(1000)"
+    parent = subprocess.Popen([sys.executable, "-I", "-c", program], pass_fds=group.join_fds)
+    deadline = time.monotonic() + 5
+    while len((group.folders[0] / "cgroup.procs").read_text().split()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (
+        len((group.folders[0] / "cgroup.procs").read_text().split()) == 2
+    )  # parent and child, in a session of its own
+    group.remove()
+    assert parent.wait(timeout=5) == -9
+    assert _leftover_cgroups() == []  # a cgroup with a process still alive in it cannot be removed
+
+
+def test_where_no_cgroup_can_be_made_runs_keep_per_process_limits_or_are_refused(monkeypatch):
+    monkeypatch.setattr(cgroups, "available", lambda probe_uid: (None, (), "OSError: read-only file system"))
+    assert run_python("print(1)", cfg=CodeConfig(isolation="rlimit", workers=1)).limits == "per_process"
+    with pytest.raises(SandboxUnavailable, match=r"read-only file system.*verify\.code\.limits=auto"):
+        run_python("print(1)", cfg=CodeConfig(isolation="rlimit", limits="cgroup", workers=1))
