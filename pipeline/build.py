@@ -35,7 +35,7 @@ from rich.progress import track
 from pipeline.build_config import BuildConfig
 from pipeline.card import render_card
 from pipeline.parts import _fsync_dir, closed_parts, update_stats, write_atomic_bytes
-from pipeline.records import DATASET_SCHEMA, fingerprint
+from pipeline.records import DATASET_SCHEMA, TEST_PROBLEMS_SCHEMA, fingerprint
 from pipeline.selection import Selector, category
 from pipeline.shards import TEST_PROBLEMS, ShardWriter, file_entry, plan_shards, write_manifest
 from pipeline.weighting import pass_rate
@@ -43,19 +43,6 @@ from pipeline.weighting import pass_rate
 BUCKET_BYTES = 64 * 2**20  # rows of one rank range, sorted in memory before they go to the shard writer
 FLUSH_BYTES = 64 * 2**20  # rows routed to buckets are buffered up to this much before being written
 _EXCLUSION_SCHEMA = pa.schema([("problem_id", pa.string()), ("sample_index", pa.int32()), ("reason", pa.string())])
-# One row per test problem, whatever became of its samples: what an evaluation of the build answers.
-TEST_PROBLEMS_SCHEMA = pa.schema(
-    [
-        ("problem_id", pa.string()),
-        ("source", pa.string()),
-        ("domain", pa.string()),
-        ("prompt", pa.string()),
-        ("reference", pa.string()),
-        ("metadata", pa.string()),  # JSON
-        ("samples", pa.int32()),
-        ("teacher_pass_rate", pa.float64()),  # null when no sample was judged
-    ]
-)
 _SHOWN = 10  # part names listed in an error before "and N more"
 
 

@@ -111,3 +111,18 @@ DATASET_SCHEMA = pa.schema(
         ("config_hash", pa.string()),
     ]
 )
+
+# A build's `test_problems.parquet`: one row per test problem, whatever became of its samples (solved or not), so
+# that an evaluation of the build is not limited to what the teacher solved.
+TEST_PROBLEMS_SCHEMA = pa.schema(
+    [
+        ("problem_id", pa.string()),
+        ("source", pa.string()),
+        ("domain", pa.string()),
+        ("prompt", pa.string()),
+        ("reference", pa.string()),
+        ("metadata", pa.string()),  # JSON
+        ("samples", pa.int32()),
+        ("teacher_pass_rate", pa.float64()),  # null when no sample was judged
+    ]
+)
