@@ -87,8 +87,8 @@ def write_synthetic_run(run_dir: Path, rows: int, samples: int, seed: int = 0) -
 
 
 def _build(run_dir: str, queue) -> None:
-    from pipeline.build import build
-    from pipeline.build_config import BuildConfig
+    from pipeline.build.config import BuildConfig
+    from pipeline.build.stage import build
 
     started = time.monotonic()
     stats = build(Path(run_dir), BuildConfig(), base_dir=Path(run_dir), quiet=True)

@@ -40,8 +40,8 @@ def make_recipe(runs_dir: Path, name: str, max_tokens: int, overrides: list[str]
 
 
 def rendered_prompts(recipe, tokenizer) -> list[str]:
-    from pipeline.render import Renderer
-    from pipeline.sources import load_problems
+    from pipeline.generate.render import Renderer
+    from pipeline.generate.sources import load_problems
 
     problems, _ = load_problems(recipe.sources, Path(recipe.base_dir))
     assert len(problems) == 32, len(problems)
@@ -65,10 +65,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     args = parser.parse_args()
 
-    from pipeline.generate import generate
+    from pipeline.generate.stage import generate
+    from pipeline.generate.teacher.vllm_engine import VLLMEngineTeacher, load_llm, sampling_params
+    from pipeline.generate.teacher.vllm_server import ManagedVLLMServer
     from pipeline.models import resolve_model
-    from pipeline.teacher.vllm_engine import VLLMEngineTeacher, load_llm, sampling_params
-    from pipeline.teacher.vllm_server import ManagedVLLMServer
 
     work = Path(tempfile.mkdtemp(prefix="engine-util-"))
     recipe = make_recipe(work, "probe", args.max_tokens)

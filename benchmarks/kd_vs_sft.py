@@ -28,8 +28,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.build import build  # noqa: E402
-from pipeline.build_config import BuildConfig  # noqa: E402
+from pipeline.build.config import BuildConfig  # noqa: E402
+from pipeline.build.stage import build  # noqa: E402
 from pipeline.models import EMBEDDED_ALIAS, resolve_model  # noqa: E402
 from pipeline.parts import PartWriter  # noqa: E402
 from pipeline.records import VERIFIED_SCHEMA  # noqa: E402

@@ -20,9 +20,9 @@ import random
 import time
 from pathlib import Path
 
-from pipeline.verifiers.base import VerifyItem
-from pipeline.verifiers.math import MathVerifier, extract_answer, reference_text
-from pipeline.verify_config import MathConfig, default_workers
+from pipeline.verify.config import MathConfig, default_workers
+from pipeline.verify.verifiers.base import VerifyItem
+from pipeline.verify.verifiers.math import MathVerifier, extract_answer, reference_text
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "tests" / "data" / "math_equivalence.jsonl"
@@ -124,8 +124,8 @@ def _suite_items() -> list[VerifyItem]:
 
 def code_throughput() -> None:
     """Code verifications/s with a worker per core against one worker: stdin/stdout cases, then test suites."""
-    from pipeline.verifiers.code import CodeVerifier
-    from pipeline.verify_config import CodeConfig
+    from pipeline.verify.config import CodeConfig
+    from pipeline.verify.verifiers.code import CodeVerifier
 
     cores = default_workers()
     for kind, items in (("cases", _cases_items()), ("suites", _suite_items())):

@@ -2,7 +2,7 @@
 
 Freezing the problems once per evaluation (OUTPUT/benchmarks/NAME.jsonl) makes the comparison fair by construction:
 the teacher and each student read the same file, and the file is the record of what was measured. Sources are the
-generate stage's own (pipeline.sources), so a benchmark renders with the same prompt templates the student was
+generate stage's own (pipeline.generate.sources), so a benchmark renders with the same prompt templates the student was
 trained on, and is scored by the same verifiers.
 """
 
@@ -17,11 +17,11 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from eval.config import EVAL_GYM_SEED, EvalConfig
+from pipeline.build.shards import TEST_PROBLEMS
 from pipeline.config import FileSource, GymSource, HFSource, HumanEvalSource, SourceConfig
+from pipeline.generate.sources import Reject, iter_problems
 from pipeline.parts import write_atomic_bytes
 from pipeline.records import Problem
-from pipeline.shards import TEST_PROBLEMS
-from pipeline.sources import Reject, iter_problems
 
 
 @dataclass(frozen=True)

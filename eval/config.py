@@ -6,7 +6,7 @@ from pydantic import Field, field_validator
 
 from pipeline.config import SourceConfig, TeacherConfig
 from pipeline.config_base import Strict
-from pipeline.verify_config import FilterConfig, VerifyConfig
+from pipeline.verify.config import FilterConfig, VerifyConfig
 
 # reasoning-gym sets built in by name (`gym:TASK`) use this seed; training recipes use small seeds, and `distill run`
 # refuses an eval seed equal to one of its training seeds. Problems that still coincide with a training prompt (small

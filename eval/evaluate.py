@@ -13,42 +13,23 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.dataset as pads
 
 from eval.benchmarks import Benchmark, freeze, source_of
 from eval.config import EvalConfig, model_label
-from eval.metrics import Sample, percentile
+from eval.metrics import ModelRun, Sample, percentile
+from eval.report import build_report, write_report
 from eval.resources import PeakMemory, kv_bytes_per_token, parameter_count, size_on_disk
+from pipeline.build.weighting import ANSWER_DOMAINS
 from pipeline.config import OutputConfig, Recipe, SamplingConfig
 from pipeline.models import resolve_model
 from pipeline.parts import closed_parts, write_atomic_bytes
-from pipeline.records import fingerprint
-from pipeline.verifiers.base import DATA_FAULT, INFRA_ERROR
-from pipeline.weighting import ANSWER_DOMAINS
+from pipeline.records import DATA_FAULT, INFRA_ERROR, PASSED, fingerprint
 
 # cons@k votes on final answers; a program has no final answer to vote on.
 VOTING_DOMAINS = ANSWER_DOMAINS
-
-
-@dataclass
-class ModelRun:
-    """One model's scored samples, grouped benchmark -> problem -> samples, and what serving it cost."""
-
-    label: str
-    model: str
-    revision: str
-    run_dir: Path
-    # Every frozen problem has an entry; an empty list is a problem left unanswered (scored as failed).
-    samples: dict[str, dict[str, list[Sample]]] = field(default_factory=dict)
-    domains: dict[str, str] = field(default_factory=dict)  # benchmark -> domain of its problems
-    unscored: int = 0  # samples whose verdict is an infrastructure error (retried by the next run)
-    infra_errors: int = 0  # problems the engine failed on in this call (retried by the next run)
-    unanswered: int = 0  # problems without a scored sample: infrastructure errors, prompts too long for the model
-    data_faults: set[str] = field(default_factory=set)  # problems whose reference no verifier can read: not scored
-    performance: dict = field(default_factory=dict)
 
 
 def _slug(text: str) -> str:
@@ -97,7 +78,7 @@ def _collect(run: ModelRun, benchmarks: list[Benchmark]) -> list[dict]:
             run.unscored += 1
             continue
         answer = json.loads(r["verdict_detail"] or "{}").get("extracted")
-        run.samples[wanted[r["problem_id"]]][r["problem_id"]].append(Sample(r["status"] == "passed", answer))
+        run.samples[wanted[r["problem_id"]]][r["problem_id"]].append(Sample(r["status"] == PASSED, answer))
     for by_problem in run.samples.values():
         for pid in run.data_faults & by_problem.keys():
             del by_problem[pid]
@@ -143,8 +124,8 @@ def _reasoning_tokens(rows: list[dict], folder: Path | None) -> float | None:
 
 
 def evaluate_model(spec: str, benchmarks: list[Benchmark], cfg: EvalConfig, quiet: bool = False) -> ModelRun:
-    from pipeline.generate import generate
-    from pipeline.verify import verify_run
+    from pipeline.generate.stage import generate
+    from pipeline.verify.stage import verify_run
 
     label, model = model_label(spec)
     resolved = resolve_model(model)
@@ -164,8 +145,6 @@ def evaluate_model(spec: str, benchmarks: list[Benchmark], cfg: EvalConfig, quie
 
 def evaluate(cfg: EvalConfig, quiet: bool = False) -> dict:
     """Evaluate every model on every benchmark; writes and returns the report (report.json's content)."""
-    from eval.report import build_report, write_report
-
     output = Path(cfg.output)
     benchmarks, rejects = freeze(cfg, output / "benchmarks")
     write_atomic_bytes(

@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from pipeline.weighting import normalize_answer
+from pipeline.build.weighting import normalize_answer
 
 
 @dataclass(frozen=True)
@@ -81,3 +82,21 @@ def percentile(values: Sequence[float], q: float) -> float:
     low = math.floor(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass
+class ModelRun:
+    """One model's scored samples, grouped benchmark -> problem -> samples, and what serving it cost."""
+
+    label: str
+    model: str
+    revision: str
+    run_dir: Path
+    # Every frozen problem has an entry; an empty list is a problem left unanswered (scored as failed).
+    samples: dict[str, dict[str, list[Sample]]] = field(default_factory=dict)
+    domains: dict[str, str] = field(default_factory=dict)  # benchmark -> domain of its problems
+    unscored: int = 0  # samples whose verdict is an infrastructure error (retried by the next run)
+    infra_errors: int = 0  # problems the engine failed on in this call (retried by the next run)
+    unanswered: int = 0  # problems without a scored sample: infrastructure errors, prompts too long for the model
+    data_faults: set[str] = field(default_factory=set)  # problems whose reference no verifier can read: not scored
+    performance: dict = field(default_factory=dict)

@@ -14,9 +14,8 @@ from pathlib import Path
 
 from eval.benchmarks import Benchmark
 from eval.config import EvalConfig
-from eval.evaluate import ModelRun
-from eval.metrics import Sample, cons_at_k, pass_at_1
-from pipeline.card import markdown_table, save_figure
+from eval.metrics import ModelRun, Sample, cons_at_k, pass_at_1
+from pipeline.build.card import markdown_table, save_figure
 from pipeline.parts import write_atomic_bytes
 
 ALL = "all"  # every problem of every benchmark pooled

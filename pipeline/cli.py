@@ -211,11 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("build", "stats", "publish"):
             return _dataset_command(args)
         recipe = load_recipe(args.recipe, args.overrides)
-        from pipeline.generate import generate
+        from pipeline.generate.stage import generate
 
         stats = generate(recipe, quiet=args.quiet)
         if recipe.verify.inline and not args.no_verify:
-            from pipeline.verify import verify_run
+            from pipeline.verify.stage import verify_run
 
             stats["infra_errors"] += verify_run(recipe.run_dir, recipe.verify, quiet=args.quiet)["infra_error"]
     except (RecipeError, FileNotFoundError, ValueError, RuntimeError) as e:
@@ -281,8 +281,8 @@ def _eval_or_run(args) -> int:
 
 def _dataset_command(args) -> int:
     if args.command == "stats":
-        from pipeline.card import print_stats
-        from pipeline.shards import check_dataset
+        from pipeline.build.card import print_stats
+        from pipeline.build.shards import check_dataset
 
         print_stats(args.dataset)
         if args.check:
@@ -293,15 +293,15 @@ def _dataset_command(args) -> int:
             return 1 if problems else 0
         return 0
     if args.command == "publish":
-        from pipeline.publish import publish
+        from pipeline.build.publish import publish
 
         publish(args.dataset, args.repo_id, private=not args.public, dry_run=args.dry_run)
         return 0
     import yaml
 
-    from pipeline.build import build
+    from pipeline.build.stage import build
     from pipeline.config import load_recipe
-    from pipeline.verify import verify_hash
+    from pipeline.verify.stage import verify_hash
 
     run_folder = args.target.is_dir()
     recipe = load_recipe(args.target / "recipe.yaml" if run_folder else args.target, args.overrides)
@@ -310,7 +310,7 @@ def _dataset_command(args) -> int:
     vhash = verify_hash(recipe.verify)  # the verdicts must be the recipe's: refused when verified otherwise
     stats = build(run_dir, recipe.build, Path(recipe.base_dir), recipe_yaml, quiet=args.quiet, verify_hash=vhash)
     if not args.quiet:
-        from pipeline.card import print_stats
+        from pipeline.build.card import print_stats
 
         print_stats(run_dir / "dataset")
     if not stats["kept"]:
@@ -320,7 +320,7 @@ def _dataset_command(args) -> int:
 
 def _verify(args) -> int:
     from pipeline.config import RecipeError, VerifyConfig, apply_overrides, load_recipe, validate
-    from pipeline.verify import verify_file, verify_run
+    from pipeline.verify.stage import verify_file, verify_run
 
     if args.input or args.output:
         # argparse puts a first FIELD=VALUE in `target`: file mode has no run folder, so it is an override too

@@ -13,9 +13,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, SecretStr, ValidationError, field_serializer, model_validator
 
-from pipeline.build_config import BuildConfig
+from pipeline.build.config import BuildConfig
 from pipeline.config_base import Strict
-from pipeline.verify_config import VerifyConfig
+from pipeline.verify.config import VerifyConfig
 
 
 class FileSource(Strict):

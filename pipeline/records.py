@@ -14,6 +14,13 @@ import pyarrow as pa
 
 DOMAINS = ("math", "code", "mcq", "gym", "text")
 
+# A verdict's status. `infra_error` (a broken sandbox or worker) is retried by the next verify run; `data_fault` (a
+# reference no verifier can read or score) is final and never trained on; neither is ever a wrong answer.
+PASSED, FAILED, INFRA_ERROR, DATA_FAULT = "passed", "failed", "infra_error", "data_fault"
+STATUSES = (PASSED, FAILED, INFRA_ERROR, DATA_FAULT)
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -36,6 +43,29 @@ def stable_id(source: str, *content: str) -> str:
 def fingerprint(obj: Any) -> str:
     """Short sha256 of a JSON-able object with sorted keys: equal settings give equal hashes on every machine."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def split_reasoning(text: str, reasoning_field: str | None = None, think_opened: bool = False) -> tuple[str, str]:
+    """(reasoning, answer): only the text after the think block is the answer, so a tentative answer inside the
+    thinking is never judged as the model's conclusion.
+
+    The engine's reasoning field wins when it gave one. Otherwise the block ends at the last closing tag; a completion
+    that opened a block and never closed it (a truncated trace) has no answer at all. The block is opened either by a
+    `<think>` in the text or by the chat template itself (`think_opened`: the prompt ended with `<think>`, so the text
+    carries only the closing tag). Text without tags from a prompt that opened nothing is all answer. Malformed blocks
+    are left for the verify stage's filters to judge, not repaired here.
+    """
+    if reasoning_field:
+        return reasoning_field.strip(), text.strip()
+    head, close, tail = text.rpartition(THINK_CLOSE)
+    if close and THINK_OPEN not in tail:
+        reasoning = head.split(THINK_OPEN, 1)[1] if THINK_OPEN in head else head
+        return reasoning.strip(), tail.strip()
+    if THINK_OPEN in text:  # opened (or opened again after the last close) and never closed
+        return text.replace(THINK_OPEN, "", 1).strip(), ""
+    if think_opened:
+        return text.strip(), ""
+    return "", text.strip()
 
 
 # One row per completion, kept or not. Provenance columns make rows of different settings distinguishable.

@@ -33,7 +33,7 @@ from pipeline.config import GymSource, Recipe, RecipeError, load_recipe, validat
 from pipeline.config_base import Strict
 from pipeline.parts import write_atomic_bytes
 from pipeline.records import fingerprint
-from pipeline.verify import verify_hash
+from pipeline.verify.stage import verify_hash
 
 
 class StudentInitConfig(Strict):
@@ -136,10 +136,10 @@ class StageLog:
 def _generate_inputs(recipe: RunRecipe) -> dict[str, Any]:
     """What the teacher's rows depend on, resolved: the problems' content (an edited file row keeps its id), the
     template texts, and the teacher's revision (retrained weights keep their folder and config.json)."""
+    from pipeline.generate.render import Renderer
+    from pipeline.generate.sources import load_problems, problems_digest
+    from pipeline.generate.teacher.base import logprobs_mode
     from pipeline.models import resolve_model
-    from pipeline.render import Renderer
-    from pipeline.sources import load_problems, problems_digest
-    from pipeline.teacher.base import logprobs_mode
 
     problems, _ = load_problems(recipe.sources, Path(recipe.base_dir))
     renderer = Renderer(recipe.templates, recipe.system_prompt, Path(recipe.base_dir))
@@ -191,17 +191,17 @@ def _run_stage(stage: str, recipe: RunRecipe, quiet: bool) -> str | None:
     """Run one stage; returns a reason the run cannot go on (infrastructure errors to retry), or None."""
     folders = _folders(recipe)
     if stage == "generate":
-        from pipeline.generate import generate
+        from pipeline.generate.stage import generate
 
         stats = generate(recipe, quiet=quiet)
         return f"{stats['infra_errors']} problems failed on infrastructure errors" if stats["infra_errors"] else None
     if stage == "verify":
-        from pipeline.verify import verify_run
+        from pipeline.verify.stage import verify_run
 
         stats = verify_run(recipe.run_dir, recipe.verify, quiet=quiet)
         return f"{stats['infra_error']} verdicts failed on infrastructure errors" if stats["infra_error"] else None
     if stage == "build":
-        from pipeline.build import build
+        from pipeline.build.stage import build
 
         recipe_yaml = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
         vhash = verify_hash(recipe.verify)

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from pipeline.config import TeacherConfig
+from pipeline.generate.teacher.vllm_server import ManagedVLLMServer
 from pipeline.models import EMBEDDED_ALIAS, resolve_model
-from pipeline.teacher.vllm_server import ManagedVLLMServer
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small enough to keep the suite inside its time budget on 2 cores, large enough to span several parts.

@@ -9,7 +9,7 @@ import pytest
 from eval.benchmarks import freeze, resolve
 from eval.config import EVAL_GYM_SEED, EvalConfig
 from pipeline.config import GymSource, HumanEvalSource
-from pipeline.sources import load_problems
+from pipeline.generate.sources import load_problems
 
 
 def make_dataset(folder, train_prompts, test_rows, test_problems=None):

@@ -9,8 +9,8 @@ import pyarrow.dataset as ds
 import pytest
 
 from eval.benchmarks import Benchmark
-from eval.evaluate import ModelRun, _collect
-from eval.metrics import Sample
+from eval.evaluate import _collect
+from eval.metrics import ModelRun, Sample
 from pipeline.models import EMBEDDED_ALIAS
 from pipeline.parts import PartWriter
 from pipeline.records import VERIFIED_SCHEMA

@@ -6,8 +6,7 @@ import pytest
 
 from eval.benchmarks import Benchmark
 from eval.config import EvalConfig
-from eval.evaluate import ModelRun
-from eval.metrics import Sample
+from eval.metrics import ModelRun, Sample
 from eval.report import build_report, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -20,8 +20,8 @@ from transformers import (
 )
 from trl import SFTConfig
 
-from pipeline.build import build
-from pipeline.build_config import BuildConfig
+from pipeline.build.config import BuildConfig
+from pipeline.build.stage import build
 from pipeline.models import EMBEDDED_ALIAS, resolve_model
 from pipeline.parts import PartWriter
 from pipeline.records import VERIFIED_SCHEMA
