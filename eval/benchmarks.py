@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 
 from eval.config import EVAL_GYM_SEED, EvalConfig
 from pipeline.build.shards import TEST_PROBLEMS
-from pipeline.config import FileSource, GymSource, HFSource, HumanEvalSource, SourceConfig
+from pipeline.generate.config import FileSource, GymSource, HFSource, HumanEvalSource, SourceConfig
 from pipeline.generate.sources import Reject, iter_problems
 from pipeline.parts import write_atomic_bytes
-from pipeline.records import Problem
+from pipeline.records import Col, Problem
 
 
 @dataclass(frozen=True)
@@ -81,14 +81,16 @@ def dataset_test_problems(dataset: Path) -> list[Problem]:
         )
     problems = []
     for r in pq.read_table(path).to_pylist():
-        metadata = json.loads(r["metadata"] or "{}")
+        metadata = json.loads(r[Col.METADATA] or "{}")
         problems.append(
-            Problem(r["problem_id"], r["source"], r["domain"], r["prompt"], r["reference"] or "", metadata)
+            Problem(r[Col.PROBLEM_ID], r[Col.SOURCE], r[Col.DOMAIN], r[Col.PROMPT], r[Col.REFERENCE] or "", metadata)
         )
     return problems
 
 
-def _normalized(prompt: str) -> str:
+def _training_prompt_key(prompt: str) -> str:
+    """How a benchmark prompt is matched against training prompts: only case and spacing are folded, so a problem
+    is left out only when the student trained on it verbatim (n-gram overlap is the build's decontamination's job)."""
     return re.sub(r"\s+", " ", prompt).strip().lower()
 
 
@@ -96,8 +98,9 @@ def training_prompts(datasets: list[str]) -> set[str]:
     """Normalized prompts of the train split of each dataset folder."""
     prompts: set[str] = set()
     for folder in datasets:
-        rows = _split_rows(folder, "train", ["prompt"], f"exclude_prompts_from: {folder} has no data/train-*.parquet")
-        prompts.update(_normalized(row["prompt"]) for row in rows)
+        missing = f"exclude_prompts_from: {folder} has no data/train-*.parquet"
+        rows = _split_rows(folder, "train", [Col.PROMPT], missing)
+        prompts.update(_training_prompt_key(row[Col.PROMPT]) for row in rows)
     return prompts
 
 
@@ -114,11 +117,11 @@ def freeze(cfg: EvalConfig, folder: Path) -> tuple[list[Benchmark], list[Reject]
             raise ValueError(f"benchmark {name!r} is listed twice")
         problems = source if isinstance(source, list) else list(iter_problems(source, Path("."), rejects, seen))
         problems = problems[: cfg.limit] if cfg.limit else problems
-        kept = [p for p in problems if _normalized(p.prompt) not in exclude]
+        kept = [p for p in problems if _training_prompt_key(p.prompt) not in exclude]
         if not kept:
             raise ValueError(f"benchmark {name!r} has no problems left (all {len(problems)} are training prompts)")
         path = folder / f"{name}.jsonl"
-        lines = (json.dumps(asdict(p) | {"source": name}) + "\n" for p in kept)
+        lines = (json.dumps(asdict(replace(p, source=name))) + "\n" for p in kept)
         write_atomic_bytes(path, "".join(lines).encode())
         benchmarks.append(Benchmark(name, path, len(kept), len(problems) - len(kept)))
     return benchmarks, rejects

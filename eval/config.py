@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from pipeline.config import SourceConfig, TeacherConfig
 from pipeline.config_base import Strict
+from pipeline.generate.config import SourceConfig, TeacherConfig
 from pipeline.verify.config import FilterConfig, VerifyConfig
 
 # reasoning-gym sets built in by name (`gym:TASK`) use this seed; training recipes use small seeds, and `distill run`

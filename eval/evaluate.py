@@ -23,10 +23,11 @@ from eval.metrics import ModelRun, Sample, percentile
 from eval.report import build_report, write_report
 from eval.resources import PeakMemory, kv_bytes_per_token, parameter_count, size_on_disk
 from pipeline.build.weighting import ANSWER_DOMAINS
-from pipeline.config import OutputConfig, Recipe, SamplingConfig
+from pipeline.config import Recipe
+from pipeline.generate.config import OutputConfig, SamplingConfig
 from pipeline.models import resolve_model
 from pipeline.parts import closed_parts, write_atomic_bytes
-from pipeline.records import DATA_FAULT, INFRA_ERROR, PASSED, fingerprint
+from pipeline.records import DATA_FAULT, INFRA_ERROR, PASSED, Col, fingerprint
 
 # cons@k votes on final answers; a program has no final answer to vote on.
 VOTING_DOMAINS = ANSWER_DOMAINS
@@ -45,7 +46,8 @@ def _recipe(cfg: EvalConfig, label: str, model: str, revision: str, benchmarks: 
         logprobs=0,
         seed=cfg.seed,
     )
-    key = fingerprint({"model": model, "revision": revision, "sampling": sampling.model_dump()})
+    settings = {"model": model, "revision": revision, "sampling": sampling.model_dump()}  # not a column
+    key = fingerprint(settings)
     return Recipe(
         name=f"{_slug(label)}-{key[:8]}",
         sources=[source_of(b) for b in benchmarks],
@@ -62,23 +64,25 @@ def _collect(run: ModelRun, benchmarks: list[Benchmark]) -> list[dict]:
     run.samples = {b.name: {} for b in benchmarks}
     for b in benchmarks:
         for line in b.path.read_text().splitlines():
-            problem = json.loads(line)
+            problem = json.loads(line)  # a frozen `Problem`: its keys are the dataclass's fields
             wanted[problem["id"]] = b.name
             run.samples[b.name][problem["id"]] = []  # stays empty when the model gives no scored answer
-            run.domains[b.name] = problem["domain"]
+            run.domains[b.name] = problem["domain"]  # not a column: the Problem field
     parts = closed_parts(run.run_dir / "verified")
-    columns = ["problem_id", "domain", "status", "verdict_detail", "reasoning", "completion_tokens", "latency_s"]
+    columns = [Col.PROBLEM_ID, Col.DOMAIN, Col.STATUS, Col.VERDICT_DETAIL, Col.REASONING]
+    columns += [Col.COMPLETION_TOKENS, Col.LATENCY_S]
     rows = pads.dataset(parts).to_table(columns=columns).to_pylist() if parts else []
-    rows = [r for r in rows if r["problem_id"] in wanted]
+    rows = [r for r in rows if r[Col.PROBLEM_ID] in wanted]
     for r in rows:
-        if r["status"] == DATA_FAULT:  # the reference, not the model, is at fault: no model is scored on it
-            run.data_faults.add(r["problem_id"])
+        pid = r[Col.PROBLEM_ID]
+        if r[Col.STATUS] == DATA_FAULT:  # the reference, not the model, is at fault: no model is scored on it
+            run.data_faults.add(pid)
             continue
-        if r["status"] == INFRA_ERROR:
+        if r[Col.STATUS] == INFRA_ERROR:
             run.unscored += 1
             continue
-        answer = json.loads(r["verdict_detail"] or "{}").get("extracted")
-        run.samples[wanted[r["problem_id"]]][r["problem_id"]].append(Sample(r["status"] == PASSED, answer))
+        answer = json.loads(r[Col.VERDICT_DETAIL] or "{}").get("extracted")
+        run.samples[wanted[pid]][pid].append(Sample(r[Col.STATUS] == PASSED, answer))
     for by_problem in run.samples.values():
         for pid in run.data_faults & by_problem.keys():
             del by_problem[pid]
@@ -87,8 +91,8 @@ def _collect(run: ModelRun, benchmarks: list[Benchmark]) -> list[dict]:
 
 
 def _performance(run: ModelRun, rows: list[dict], folder: Path | None, cfg: EvalConfig, generated: dict) -> dict:
-    latencies = list({r["problem_id"]: r["latency_s"] for r in rows if r["latency_s"] is not None}.values())
-    tokens = [r["completion_tokens"] for r in rows if r["completion_tokens"] is not None]
+    latencies = list({r[Col.PROBLEM_ID]: r[Col.LATENCY_S] for r in rows if r[Col.LATENCY_S] is not None}.values())
+    tokens = [r[Col.COMPLETION_TOKENS] for r in rows if r[Col.COMPLETION_TOKENS] is not None]
     measured = run.run_dir / "performance.json"
     if generated.get("completions"):  # throughput and peak memory are only measured when this call generated
         speed = {
@@ -119,7 +123,7 @@ def _reasoning_tokens(rows: list[dict], folder: Path | None) -> float | None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    counts = [len(tokenizer(r["reasoning"] or "", add_special_tokens=False).input_ids) for r in rows]
+    counts = [len(tokenizer(r[Col.REASONING] or "", add_special_tokens=False).input_ids) for r in rows]
     return sum(counts) / len(counts)
 
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.build.weighting import normalize_answer
+from pipeline.build.weighting import normalize_for_voting
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def majority_vote(samples: Sequence[Sample]) -> Sample | None:
 
     Samples without an answer do not vote; None when no sample has one.
     """
-    voted = [(normalize_answer(s.answer), s) for s in samples if s.answer is not None]
+    voted = [(normalize_for_voting(s.answer), s) for s in samples if s.answer is not None]
     if not voted:
         return None
     counts = Counter(key for key, _ in voted)

@@ -1,4 +1,5 @@
-"""The `distill` command: one subcommand per stage of the data path (DESIGN.md). `distill SUBCOMMAND --help`."""
+"""The `distill` command: one subcommand per stage of the data path (generate, verify, build, sft, eval, and run for
+all of them). `distill SUBCOMMAND --help`."""
 
 from __future__ import annotations
 
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         print(prepare_embedded(force=args.force))
         return 0
 
-    from pipeline.config import RecipeError, load_recipe
+    from pipeline.config import load_recipe
+    from pipeline.config_base import RecipeError
 
     if args.command in ("eval", "run"):
         return _eval_or_run(args)
@@ -249,7 +251,7 @@ def _sft(argv: list[str]) -> int:
 
 
 def _eval_or_run(args) -> int:
-    from pipeline.config import RecipeError
+    from pipeline.config_base import RecipeError
 
     try:
         if args.command == "run":
@@ -319,7 +321,8 @@ def _dataset_command(args) -> int:
 
 
 def _verify(args) -> int:
-    from pipeline.config import RecipeError, VerifyConfig, apply_overrides, load_recipe, validate
+    from pipeline.config import VerifyConfig, apply_overrides, load_recipe, validate
+    from pipeline.config_base import RecipeError
     from pipeline.verify.stage import verify_file, verify_run
 
     if args.input or args.output:

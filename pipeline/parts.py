@@ -4,6 +4,8 @@ A Parquet file has its footer only after close(); a writer killed before that le
 readers of the whole folder. So a part is written whole under a temporary name, fsynced, checked with
 `pyarrow.parquet.read_metadata`, then renamed (atomic on POSIX). On restart, the problem ids in closed parts are done;
 temporary leftovers are removed and their problems redone. Completions of one problem always share a part.
+Each shard of a run (see pipeline/executor.py) writes parts of its own name, `part-s001of004-00000.parquet` for
+shard 1 of 4 (a run of one shard keeps `part-00000.parquet`), so shards never collide; the ledger reads them all.
 A problem the teacher rejected as too long for its context is final too: it goes to parts of its own
 (RUN/too_long/, never read as completions), which the ledger reads as well, so a resume does not send it again.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.executor import WHOLE, Shard
 from pipeline.records import RAW_SCHEMA
 
 PART_GLOB = "part-*.parquet"
@@ -36,11 +39,32 @@ TOO_LONG_SCHEMA = pa.schema(
         ("created_at", pa.timestamp("ms", tz="UTC")),
     ]
 )
-_PART_RE = re.compile(r"part-(\d+)\.parquet$")
+_PART_RE = re.compile(r"^part-(?:s(\d+)of(\d+)-)?(\d+)\.parquet$")  # shard index, shard count, part number
 
 
 def closed_parts(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).glob(PART_GLOB) if _PART_RE.search(p.name))
+    """Every closed part of the folder, of every shard, sorted by name."""
+    return sorted(p for p in Path(folder).glob(PART_GLOB) if _PART_RE.match(p.name))
+
+
+def part_prefix(shard: Shard) -> str:
+    """`part` for a run of one shard (so its names are those of a run before shards), else `part-s001of004`."""
+    return "part" if shard.count == 1 else f"part-{shard.label}"
+
+
+def shard_parts(folder: Path, shard: Shard) -> list[Path]:
+    """The closed parts `shard` works on: those its own shard wrote in a run of as many shards; any other part (of a
+    run of one shard, or of another shard count) by the hash of its name. So every part has exactly one owner."""
+    owned = []
+    for part in closed_parts(folder):
+        index, count, _ = _PART_RE.match(part.name).groups()
+        if count is not None and int(count) == shard.count and int(index) < shard.count:
+            mine = int(index) == shard.index
+        else:
+            mine = shard.owns(part.name)
+        if mine:
+            owned.append(part)
+    return owned
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -96,14 +120,19 @@ class PartWriter:
 
     The seconds are kept by a background thread, not checked only when rows arrive: while a slow teacher returns
     nothing for minutes, the rows already finished still reach a closed part `max_seconds` after the first of them.
+    Parts are named for `shard` (`part_prefix`) and numbered after the closed parts of that name only (`part-00003`
+    is not one of `part-s001of004`'s, nor back).
     """
 
-    def __init__(self, folder: Path, max_rows: int, max_seconds: float, schema: pa.Schema = RAW_SCHEMA):
+    def __init__(
+        self, folder: Path, max_rows: int, max_seconds: float, schema: pa.Schema = RAW_SCHEMA, shard: Shard = WHOLE
+    ):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_rows, self.max_seconds, self.schema = max_rows, max_seconds, schema
-        existing = [int(_PART_RE.search(p.name).group(1)) for p in closed_parts(self.folder)]
-        self._next_index = max(existing, default=-1) + 1
+        self.prefix = part_prefix(shard)
+        names = [p.name.rsplit("-", 1) for p in closed_parts(self.folder)]  # [prefix, "00003.parquet"]
+        self._next_index = max((int(n.split(".")[0]) for prefix, n in names if prefix == self.prefix), default=-1) + 1
         self._rows: list[dict] = []
         self._opened_at = time.monotonic()
         self.parts_written = 0
@@ -130,7 +159,7 @@ class PartWriter:
         with self._lock:
             if not self._rows:
                 return None
-            final = self.folder / f"part-{self._next_index:05d}.parquet"
+            final = self.folder / f"{self.prefix}-{self._next_index:05d}.parquet"
             table = pa.Table.from_pylist(self._rows, schema=self.schema)
             write_table_atomic(table, final)
             self._next_index += 1

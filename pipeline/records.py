@@ -1,6 +1,7 @@
-"""The data contract: the record types that flow between stages and the Parquet schema of raw parts.
+"""The data contract: the record types that flow between stages, their column names and their Parquet schemas.
 
-Every stage imports its column names from here, so no stage invents its own (DESIGN.md, "Dataset contract").
+Every stage and the eval take their column names from `Col` here, and the schemas below are built from the same
+names, so a column renamed or added in one place cannot drift from the code that reads or writes it.
 """
 
 from __future__ import annotations
@@ -68,77 +69,132 @@ def split_reasoning(text: str, reasoning_field: str | None = None, think_opened:
     return "", text.strip()
 
 
+class Col:
+    """The name of every column of raw and verified parts, the training set and a build's test problems.
+
+    Plain str constants in a namespace rather than an Enum: they go straight into dict keys, pyarrow schemas and
+    `columns=` lists, where an Enum member would need `.value` at every use.
+    """
+
+    # A problem, as the teacher saw it.
+    PROBLEM_ID = "problem_id"
+    SAMPLE_INDEX = "sample_index"
+    SOURCE = "source"
+    DOMAIN = "domain"
+    PROMPT = "prompt"
+    REFERENCE = "reference"
+    METADATA = "metadata"
+    MESSAGES = "messages"
+    # The teacher's completion.
+    COMPLETION = "completion"
+    REASONING = "reasoning"
+    ANSWER = "answer"
+    FINISH_REASON = "finish_reason"
+    PROMPT_TOKENS = "prompt_tokens"
+    COMPLETION_TOKENS = "completion_tokens"
+    MEAN_TOKEN_ENTROPY = "mean_token_entropy"
+    ENTROPY_TOP_K = "entropy_top_k"
+    LATENCY_S = "latency_s"
+    # Provenance.
+    TEACHER = "teacher"
+    TEACHER_REVISION = "teacher_revision"
+    ENGINE = "engine"
+    ENGINE_VERSION = "engine_version"
+    TEMPLATE_HASH = "template_hash"
+    SAMPLING = "sampling"
+    SAMPLING_HASH = "sampling_hash"
+    CONFIG_HASH = "config_hash"
+    CREATED_AT = "created_at"
+    # The verdict.
+    VERIFIER = "verifier"
+    STATUS = "status"
+    PASSED = "passed"
+    REASON = "reason"
+    VERDICT_DETAIL = "verdict_detail"
+    FAILED_FILTERS = "failed_filters"
+    VERIFY_HASH = "verify_hash"
+    # The training set's per-problem signals and weight.
+    PASS_RATE = "pass_rate"
+    ANSWER_AGREEMENT = "answer_agreement"
+    WEIGHT = "weight"
+    # A build's test problems.
+    SAMPLES = "samples"
+    TEACHER_PASS_RATE = "teacher_pass_rate"
+
+
 # One row per completion, kept or not. Provenance columns make rows of different settings distinguishable.
 RAW_SCHEMA = pa.schema(
     [
-        ("problem_id", pa.string()),
-        ("sample_index", pa.int32()),
-        ("source", pa.string()),
-        ("domain", pa.string()),
-        ("prompt", pa.string()),
-        ("reference", pa.string()),
-        ("metadata", pa.string()),  # JSON
-        ("messages", pa.string()),  # JSON list of {role, content} sent to the teacher
-        ("completion", pa.string()),  # the teacher's full text
-        ("reasoning", pa.string()),
-        ("answer", pa.string()),
-        ("finish_reason", pa.string()),
-        ("prompt_tokens", pa.int32()),
-        ("completion_tokens", pa.int32()),
-        ("mean_token_entropy", pa.float64()),  # mean entropy (nats) of the renormalized top-k distribution
-        ("entropy_top_k", pa.int32()),  # K of that distribution, so h = H / log K can be computed later
-        ("latency_s", pa.float64()),  # seconds from submitting the request to its last token (all n samples)
-        ("teacher", pa.string()),
-        ("teacher_revision", pa.string()),
-        ("engine", pa.string()),
-        ("engine_version", pa.string()),
-        ("template_hash", pa.string()),
-        ("sampling", pa.string()),  # JSON
-        ("sampling_hash", pa.string()),
-        ("config_hash", pa.string()),
-        ("created_at", pa.timestamp("ms", tz="UTC")),
+        (Col.PROBLEM_ID, pa.string()),
+        (Col.SAMPLE_INDEX, pa.int32()),
+        (Col.SOURCE, pa.string()),
+        (Col.DOMAIN, pa.string()),
+        (Col.PROMPT, pa.string()),
+        (Col.REFERENCE, pa.string()),
+        (Col.METADATA, pa.string()),  # JSON
+        (Col.MESSAGES, pa.string()),  # JSON list of {role, content} sent to the teacher
+        (Col.COMPLETION, pa.string()),  # the teacher's full text
+        (Col.REASONING, pa.string()),
+        (Col.ANSWER, pa.string()),
+        (Col.FINISH_REASON, pa.string()),
+        (Col.PROMPT_TOKENS, pa.int32()),
+        (Col.COMPLETION_TOKENS, pa.int32()),
+        (Col.MEAN_TOKEN_ENTROPY, pa.float64()),  # mean entropy (nats) of the renormalized top-k distribution
+        (Col.ENTROPY_TOP_K, pa.int32()),  # K of that distribution, so h = H / log K can be computed later
+        (Col.LATENCY_S, pa.float64()),  # seconds from submitting the request to its last token (all n samples)
+        (Col.TEACHER, pa.string()),
+        (Col.TEACHER_REVISION, pa.string()),
+        (Col.ENGINE, pa.string()),
+        (Col.ENGINE_VERSION, pa.string()),
+        (Col.TEMPLATE_HASH, pa.string()),
+        (Col.SAMPLING, pa.string()),  # JSON
+        (Col.SAMPLING_HASH, pa.string()),
+        (Col.CONFIG_HASH, pa.string()),
+        (Col.CREATED_AT, pa.timestamp("ms", tz="UTC")),
     ]
 )
 
 # Added by `distill verify`: the verdict, why, and which quality filters the completion failed.
 VERDICT_FIELDS = [
-    pa.field("verifier", pa.string()),
-    pa.field("status", pa.string()),  # passed | failed | infra_error (retried next run) | data_fault (final)
-    pa.field("passed", pa.bool_()),
-    pa.field("reason", pa.string()),
-    pa.field("verdict_detail", pa.string()),  # JSON
-    pa.field("failed_filters", pa.list_(pa.string())),
-    pa.field("verify_hash", pa.string()),  # fingerprint of the verify settings that produced the verdict
+    pa.field(Col.VERIFIER, pa.string()),
+    pa.field(Col.STATUS, pa.string()),  # passed | failed | infra_error (retried next run) | data_fault (final)
+    pa.field(Col.PASSED, pa.bool_()),
+    pa.field(Col.REASON, pa.string()),
+    pa.field(Col.VERDICT_DETAIL, pa.string()),  # JSON
+    pa.field(Col.FAILED_FILTERS, pa.list_(pa.string())),
+    pa.field(Col.VERIFY_HASH, pa.string()),  # fingerprint of the verify settings that produced the verdict
 ]
 VERIFIED_SCHEMA = pa.schema([*RAW_SCHEMA, *VERDICT_FIELDS])
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
-# The training set (DESIGN.md, "Dataset contract"): one row per kept completion.
+# The training set: one row per kept completion, loadable with `datasets.load_dataset("parquet", data_dir=...)` and
+# with plain pyarrow. The assistant turn of `messages` holds the whole trace, so SFT needs no other column; the rest
+# is provenance, the per-problem signals, and `weight`, the per-sample loss weight.
 DATASET_SCHEMA = pa.schema(
     [
-        ("problem_id", pa.string()),
-        ("source", pa.string()),
-        ("domain", pa.string()),
-        ("prompt", pa.string()),
-        ("messages", pa.list_(MESSAGE)),  # the prompt turns, then "<think>\n...\n</think>\n\nanswer"
-        ("reasoning", pa.string()),
-        ("answer", pa.string()),
-        ("reference", pa.string()),
-        ("verifier", pa.string()),
-        ("passed", pa.bool_()),
-        ("failed_filters", pa.list_(pa.string())),
-        ("finish_reason", pa.string()),
-        ("prompt_tokens", pa.int32()),
-        ("completion_tokens", pa.int32()),
-        ("mean_token_entropy", pa.float64()),
-        ("pass_rate", pa.float64()),
-        ("answer_agreement", pa.float64()),
-        ("weight", pa.float64()),  # normalized to mean 1 over the dataset
-        ("teacher", pa.string()),
-        ("sampling", pa.string()),  # JSON
-        ("sample_index", pa.int32()),
-        ("config_hash", pa.string()),
+        (Col.PROBLEM_ID, pa.string()),
+        (Col.SOURCE, pa.string()),
+        (Col.DOMAIN, pa.string()),
+        (Col.PROMPT, pa.string()),
+        (Col.MESSAGES, pa.list_(MESSAGE)),  # the prompt turns, then "<think>\n...\n</think>\n\nanswer"
+        (Col.REASONING, pa.string()),
+        (Col.ANSWER, pa.string()),
+        (Col.REFERENCE, pa.string()),
+        (Col.VERIFIER, pa.string()),
+        (Col.PASSED, pa.bool_()),
+        (Col.FAILED_FILTERS, pa.list_(pa.string())),
+        (Col.FINISH_REASON, pa.string()),
+        (Col.PROMPT_TOKENS, pa.int32()),
+        (Col.COMPLETION_TOKENS, pa.int32()),
+        (Col.MEAN_TOKEN_ENTROPY, pa.float64()),
+        (Col.PASS_RATE, pa.float64()),
+        (Col.ANSWER_AGREEMENT, pa.float64()),
+        (Col.WEIGHT, pa.float64()),  # normalized to mean 1 over the dataset
+        (Col.TEACHER, pa.string()),
+        (Col.SAMPLING, pa.string()),  # JSON
+        (Col.SAMPLE_INDEX, pa.int32()),
+        (Col.CONFIG_HASH, pa.string()),
     ]
 )
 
@@ -146,13 +202,13 @@ DATASET_SCHEMA = pa.schema(
 # that an evaluation of the build is not limited to what the teacher solved.
 TEST_PROBLEMS_SCHEMA = pa.schema(
     [
-        ("problem_id", pa.string()),
-        ("source", pa.string()),
-        ("domain", pa.string()),
-        ("prompt", pa.string()),
-        ("reference", pa.string()),
-        ("metadata", pa.string()),  # JSON
-        ("samples", pa.int32()),
-        ("teacher_pass_rate", pa.float64()),  # null when no sample was judged
+        (Col.PROBLEM_ID, pa.string()),
+        (Col.SOURCE, pa.string()),
+        (Col.DOMAIN, pa.string()),
+        (Col.PROMPT, pa.string()),
+        (Col.REFERENCE, pa.string()),
+        (Col.METADATA, pa.string()),  # JSON
+        (Col.SAMPLES, pa.int32()),
+        (Col.TEACHER_PASS_RATE, pa.float64()),  # null when no sample was judged
     ]
 )

@@ -29,8 +29,9 @@ import yaml
 from pydantic import Field, model_validator
 
 from eval.config import EvalConfig
-from pipeline.config import GymSource, Recipe, RecipeError, load_recipe, validate
-from pipeline.config_base import Strict
+from pipeline.config import Recipe, load_recipe, validate
+from pipeline.config_base import RecipeError, Strict
+from pipeline.generate.config import GymSource
 from pipeline.parts import write_atomic_bytes
 from pipeline.records import fingerprint
 from pipeline.verify.stage import verify_hash

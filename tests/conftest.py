@@ -13,7 +13,7 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
-from pipeline.config import TeacherConfig
+from pipeline.generate.config import TeacherConfig
 from pipeline.generate.teacher.vllm_server import ManagedVLLMServer
 from pipeline.models import EMBEDDED_ALIAS, resolve_model
 

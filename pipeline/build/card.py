@@ -17,6 +17,7 @@ import yaml
 
 from pipeline.build.shards import MANIFEST
 from pipeline.parts import write_atomic_bytes
+from pipeline.records import Col
 
 README, STATS, PLOTS_DIR = "README.md", "stats.json", "plots"
 _SIZE_LABELS = ["n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M", "10M<n<100M", "100M<n<1B", "1B<n<10B"]
@@ -55,7 +56,7 @@ def card_tables(stats: dict) -> list[Table]:
             [[k, _cell(n), _rate(n / rows_in) if rows_in else "-"] for k, n in by_size],
         ),
     ]
-    for key, label in (("pass_rate_by_source", "source"), ("pass_rate_by_domain", "domain")):
+    for key, label in (("pass_rate_by_source", Col.SOURCE), ("pass_rate_by_domain", Col.DOMAIN)):
         rates = sorted(stats.get(key, {}).items())
         tables.append((f"Pass rate by {label}", [label, "pass rate"], [[k, _rate(v)] for k, v in rates]))
     fields = ["mean", "p50", "p90", "max"]
@@ -95,8 +96,8 @@ def render_plots(dataset_dir: Path, stats: dict) -> list[tuple[str, str]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for key, title, xlabel in (
-        ("completion_tokens", "Completion length", "completion tokens"),
-        ("weight", "Sample weight", "weight"),
+        (Col.COMPLETION_TOKENS, "Completion length", "completion tokens"),
+        (Col.WEIGHT, "Sample weight", Col.WEIGHT),
     ):
         hist = stats.get("histograms", {}).get(key) or {}
         edges, counts = hist.get("edges", []), hist.get("counts", [])
@@ -154,10 +155,10 @@ def entropy_note(dataset_dir: Path) -> str:
     """Say which distribution `mean_token_entropy` (and so `weight`) was measured on, from the rows' provenance."""
     modes: set[str] = set()
     for shard in sorted((Path(dataset_dir) / "data").glob("*.parquet")):
-        if "sampling" not in pq.read_schema(shard).names:  # a table made outside `distill build`
+        if Col.SAMPLING not in pq.read_schema(shard).names:  # a table made outside `distill build`
             modes.add(None)
             continue
-        for value in pq.read_table(shard, columns=["sampling"]).column("sampling").unique().to_pylist():
+        for value in pq.read_table(shard, columns=[Col.SAMPLING]).column(Col.SAMPLING).unique().to_pylist():
             modes.add(json.loads(value).get("logprobs_mode") if value else None)
     sources = "; ".join(sorted(_ENTROPY_SOURCES.get(m, _UNRECORDED) for m in modes)) or "no rows"
     what = "`mean_token_entropy`, and the `weight` made from it, is the entropy of the top-k distribution"
@@ -169,11 +170,12 @@ def render_card(dataset_dir: Path, stats: dict, recipe_yaml: str) -> Path:
     meta = front_matter(dataset_dir, stats)
     plots = render_plots(dataset_dir, stats)
     name = meta["pretty_name"]
+    teacher = stats.get("teacher", "unknown")  # not a column: the stats name every teacher of the rows
     domains = ", ".join(stats.get("domains", [])) or "unspecified"
     parts = [
         "---\n" + yaml.safe_dump(meta, sort_keys=False).rstrip() + "\n---",
         f"# {name}",
-        f"Reasoning traces distilled from the teacher `{stats.get('teacher', 'unknown')}` over the {domains} "
+        f"Reasoning traces distilled from the teacher `{teacher}` over the {domains} "
         f"domain(s) with `distill`: completions were verified, filtered, deduplicated and decontaminated, keeping "
         f"{stats.get('kept', 0)} of {stats.get('rows_in', 0)} rows. Recipe hash `{stats.get('recipe_hash', '')}`.",
         entropy_note(dataset_dir),

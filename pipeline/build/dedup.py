@@ -30,8 +30,13 @@ from datasketch import MinHash, MinHashLSH
 _NON_ALNUM = re.compile(r"[\W_]+")
 
 
-def normalize_text(text: str) -> str:
-    """Fold the differences that do not make a different problem: case, Unicode forms, punctuation, spacing.
+def normalize_for_dedup(text: str) -> str:
+    """The text that duplicate keys, MinHash shingles and contamination n-grams are computed from: case, Unicode
+    forms, punctuation and spacing folded, since they do not make a different problem or trace.
+
+    It compares whole prompts and traces, where folding every sign is safe. The normalizers of a single answer differ
+    on purpose: the voting key `normalize_for_voting` keeps signs and operators ("-3" is not "3"), and the text
+    verifier's SQuAD-style `normalize_for_text_verdict` also drops articles.
 
     Decimal points become spaces too ("3.5" -> "3 5"); both sides of every comparison get the same treatment, so
     that only costs distinguishing "3.5" from "3 5", which never separates two real problems.
@@ -57,7 +62,7 @@ class ExactDedup:
     def seen(self, prompt: str, answer: str) -> bool:
         """True when this pair was seen before; records it otherwise."""
         # A separator that normalization cannot produce keeps ("a b", "c") apart from ("a", "b c").
-        key = _digest(normalize_text(prompt) + "\x00" + normalize_text(answer))
+        key = _digest(normalize_for_dedup(prompt) + "\x00" + normalize_for_dedup(answer))
         if key in self._seen:
             return True
         self._seen.add(key)
@@ -84,7 +89,7 @@ class NearDuplicatePrompts:
         self._signatures: dict[str, tuple[int, np.ndarray]] = {}  # problem_id -> (insertion order, hash values)
 
     def _minhash(self, prompt: str) -> MinHash:
-        words = normalize_text(prompt).split()
+        words = normalize_for_dedup(prompt).split()
         shingles = list(_word_ngrams(words, self.shingle)) if len(words) >= self.shingle else [" ".join(words)]
         minhash = MinHash(num_perm=self.num_perm, seed=self.seed)
         minhash.update_batch([s.encode("utf-8") for s in shingles])
@@ -130,7 +135,7 @@ class Decontaminator:
                 index_of[name] = len(self._names)
                 self._names.append(name)
             index = index_of[name]
-            words = normalize_text(text).split()
+            words = normalize_for_dedup(text).split()
             if not words:  # an empty eval text would otherwise "contaminate" every empty row
                 continue
             if len(words) < n:
@@ -140,7 +145,7 @@ class Decontaminator:
 
     def check(self, text: str) -> str | None:
         """The name of the earliest-listed eval set sharing an n-gram with `text`, or None when it is clean."""
-        words = normalize_text(text).split()
+        words = normalize_for_dedup(text).split()
         if len(words) < self.n:
             index = self._short.get(_digest(" ".join(words), 8))
             return None if index is None else self._names[index]

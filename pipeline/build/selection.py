@@ -16,39 +16,62 @@ from pathlib import Path
 from pipeline.build.config import BuildConfig
 from pipeline.build.dedup import Decontaminator, ExactDedup, NearDuplicatePrompts, load_eval_texts
 from pipeline.build.weighting import combine, normalized_entropy, pass_rate, problem_agreement, sample_weight
+from pipeline.records import DATA_FAULT, INFRA_ERROR, PASSED, THINK_CLOSE, THINK_OPEN, Col
 
-THINK_TEMPLATE = "<think>\n{reasoning}\n</think>\n\n{answer}"
+THINK_TEMPLATE = f"{THINK_OPEN}\n{{reasoning}}\n{THINK_CLOSE}\n\n{{answer}}"
 
 
 def category(row: dict) -> str:
     """The unit of head/torso/tail mixing: a reasoning-gym task, else the source."""
-    metadata = json.loads(row.get("metadata") or "{}")
-    return str(metadata.get("task") or row["source"])
+    metadata = json.loads(row.get(Col.METADATA) or "{}")
+    return str(metadata.get("task") or row[Col.SOURCE])
 
 
 def _extracted(row: dict) -> str | None:
-    return json.loads(row.get("verdict_detail") or "{}").get("extracted")
+    return json.loads(row.get(Col.VERDICT_DETAIL) or "{}").get("extracted")
 
 
 def _not_passed(row: dict) -> str:
     """The drop reason of a row without a pass; a data fault names its reason, so the card counts each kind."""
-    if row["status"] == "data_fault":
-        return f"data_fault:{row['verifier']}:{row['reason']}"
-    return "infra_error" if row["status"] == "infra_error" else "not_passed"
+    if row[Col.STATUS] == DATA_FAULT:
+        return f"data_fault:{row[Col.VERIFIER]}:{row[Col.REASON]}"
+    return "infra_error" if row[Col.STATUS] == INFRA_ERROR else "not_passed"
+
+
+# Columns a training row takes unchanged from its verified row; the others are made by `training_row`.
+_CARRIED = (
+    Col.PROBLEM_ID,
+    Col.SOURCE,
+    Col.DOMAIN,
+    Col.PROMPT,
+    Col.REASONING,
+    Col.ANSWER,
+    Col.REFERENCE,
+    Col.VERIFIER,
+    Col.PASSED,
+    Col.FAILED_FILTERS,
+    Col.FINISH_REASON,
+    Col.PROMPT_TOKENS,
+    Col.COMPLETION_TOKENS,
+    Col.MEAN_TOKEN_ENTROPY,
+    Col.TEACHER,
+    Col.SAMPLING,
+    Col.SAMPLE_INDEX,
+    Col.CONFIG_HASH,
+)
 
 
 def training_row(row: dict, rate: float | None, agreement: float | None, weight: float) -> dict:
-    prompt_turns = json.loads(row["messages"]) if row.get("messages") else [{"role": "user", "content": row["prompt"]}]
-    assistant = THINK_TEMPLATE.format(reasoning=row["reasoning"].strip(), answer=row["answer"].strip())
+    prompt_turns = (
+        json.loads(row[Col.MESSAGES]) if row.get(Col.MESSAGES) else [{"role": "user", "content": row[Col.PROMPT]}]
+    )
+    assistant = THINK_TEMPLATE.format(reasoning=row[Col.REASONING].strip(), answer=row[Col.ANSWER].strip())
     return {
-        **{k: row.get(k) for k in ("problem_id", "source", "domain", "prompt", "reasoning", "answer", "reference")},
-        **{k: row.get(k) for k in ("verifier", "passed", "failed_filters", "finish_reason", "prompt_tokens")},
-        **{k: row.get(k) for k in ("completion_tokens", "mean_token_entropy", "teacher", "sampling", "sample_index")},
-        "config_hash": row.get("config_hash"),
-        "messages": [*prompt_turns, {"role": "assistant", "content": assistant}],
-        "pass_rate": rate,
-        "answer_agreement": agreement,
-        "weight": weight,
+        **{k: row.get(k) for k in _CARRIED},
+        Col.MESSAGES: [*prompt_turns, {"role": "assistant", "content": assistant}],
+        Col.PASS_RATE: rate,
+        Col.ANSWER_AGREEMENT: agreement,
+        Col.WEIGHT: weight,
     }
 
 
@@ -69,8 +92,8 @@ class Selector:
 
     def select(self, rows: list[dict]) -> Iterator[tuple[dict, str | None]]:
         """(training row or the source row, drop reason or None) for every input row."""
-        rows = sorted(rows, key=lambda r: (r["problem_id"], r["sample_index"]))
-        for _, group in groupby(rows, key=lambda r: r["problem_id"]):
+        rows = sorted(rows, key=lambda r: (r[Col.PROBLEM_ID], r[Col.SAMPLE_INDEX]))
+        for _, group in groupby(rows, key=lambda r: r[Col.PROBLEM_ID]):
             yield from self._problem(list(group))
 
     def _drop(self, row: dict, reason: str) -> tuple[dict, str]:
@@ -78,14 +101,14 @@ class Selector:
         return row, reason
 
     def _problem(self, samples: list[dict]) -> Iterator[tuple[dict, str | None]]:
-        rate = pass_rate([s["status"] for s in samples])
-        agreement = problem_agreement(samples[0]["domain"], [_extracted(s) for s in samples])
+        rate = pass_rate([s[Col.STATUS] for s in samples])
+        agreement = problem_agreement(samples[0][Col.DOMAIN], [_extracted(s) for s in samples])
         candidates = []
         for s in samples:
-            if s["status"] != "passed":
+            if s[Col.STATUS] != PASSED:
                 yield self._drop(s, _not_passed(s))
-            elif s["failed_filters"]:
-                yield self._drop(s, f"failed_filter:{s['failed_filters'][0]}")
+            elif s[Col.FAILED_FILTERS]:
+                yield self._drop(s, f"failed_filter:{s[Col.FAILED_FILTERS][0]}")
             else:
                 candidates.append(s)
         if not candidates:
@@ -99,12 +122,12 @@ class Selector:
         for s in candidates:
             # The whole assistant turn counts as the answer: two reasoning paths to one final answer are both worth
             # training on; the same text twice is not.
-            if self.exact and self.exact.seen(s["prompt"], f"{s['reasoning']}\n{s['answer']}"):
+            if self.exact and self.exact.seen(s[Col.PROMPT], f"{s[Col.REASONING]}\n{s[Col.ANSWER]}"):
                 yield self._drop(s, "exact_duplicate")
                 continue
-            h = normalized_entropy(s.get("mean_token_entropy"), s.get("entropy_top_k"))
+            h = normalized_entropy(s.get(Col.MEAN_TOKEN_ENTROPY), s.get(Col.ENTROPY_TOP_K))
             weighted.append((combine(sample_weight(h, self.cfg.beta), agreement, rate, self.cfg.weighting), s))
-        weighted.sort(key=lambda ws: (-ws[0], ws[1].get("completion_tokens") or 0, ws[1]["sample_index"]))
+        weighted.sort(key=lambda ws: (-ws[0], ws[1].get(Col.COMPLETION_TOKENS) or 0, ws[1][Col.SAMPLE_INDEX]))
         for rank, (weight, s) in enumerate(weighted):
             if rank >= self.cfg.max_per_problem:
                 yield self._drop(s, "over_k_per_problem")
@@ -116,12 +139,12 @@ class Selector:
         if band and (rate is None or not band[0] < rate < band[1]):
             return "pass_rate_band"
         if self.decontaminator:
-            hit = self.decontaminator.check(first["prompt"])
+            hit = self.decontaminator.check(first[Col.PROMPT])
             if hit:
                 return f"contaminated:{hit}"
         # reasoning-gym prompts share a long template around a few words: text similarity cannot tell them apart,
         # and they are distinct by construction (task, seed, index).
-        if self.near and first["domain"] != "gym" and self.near.check(first["problem_id"], first["prompt"]):
+        if self.near and first[Col.DOMAIN] != "gym" and self.near.check(first[Col.PROBLEM_ID], first[Col.PROMPT]):
             return "near_duplicate"
         return None
 

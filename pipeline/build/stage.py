@@ -38,11 +38,13 @@ from pipeline.build.selection import Selector, category
 from pipeline.build.shards import TEST_PROBLEMS, ShardWriter, file_entry, plan_shards, write_manifest
 from pipeline.build.weighting import pass_rate
 from pipeline.parts import _fsync_dir, closed_parts, update_stats, write_atomic_bytes
-from pipeline.records import DATASET_SCHEMA, TEST_PROBLEMS_SCHEMA, fingerprint
+from pipeline.records import DATASET_SCHEMA, FAILED, PASSED, TEST_PROBLEMS_SCHEMA, Col, fingerprint
 
 BUCKET_BYTES = 64 * 2**20  # rows of one rank range, sorted in memory before they go to the shard writer
 FLUSH_BYTES = 64 * 2**20  # rows routed to buckets are buffered up to this much before being written
-_EXCLUSION_SCHEMA = pa.schema([("problem_id", pa.string()), ("sample_index", pa.int32()), ("reason", pa.string())])
+_EXCLUSION_SCHEMA = pa.schema(
+    [(Col.PROBLEM_ID, pa.string()), (Col.SAMPLE_INDEX, pa.int32()), (Col.REASON, pa.string())]
+)
 _SHOWN = 10  # part names listed in an error before "and N more"
 
 
@@ -75,7 +77,7 @@ def verified_parts(run_dir: Path, verify_hash: str | None) -> list[Path]:
             f"{len(unverified)} raw part(s) of {run_dir} have no verified part ({_names(unverified)}; after "
             f"`--no-verify` or an interrupted verify): run `distill verify {run_dir}` first"
         )
-    hashes = {p: set(pq.read_table(p, columns=["verify_hash"]).column("verify_hash").to_pylist()) for p in parts}
+    hashes = {p: set(pq.read_table(p, columns=[Col.VERIFY_HASH]).column(Col.VERIFY_HASH).to_pylist()) for p in parts}
     expected = {verify_hash} if verify_hash is not None else set().union(*hashes.values())
     if len(expected) > 1 or any(h != expected for h in hashes.values()):
         stale = [p for p, h in hashes.items() if h != {verify_hash}] if verify_hash is not None else parts
@@ -115,21 +117,24 @@ def _swap_in(new: Path, final: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
+_PROBLEM_COLUMNS = (Col.PROBLEM_ID, Col.SOURCE, Col.DOMAIN, Col.PROMPT, Col.REFERENCE, Col.METADATA)
+
+
 def _test_problems(rows: list[dict], cfg: BuildConfig, seen: set[str]) -> list[dict]:
     """One record per test problem of these rows not seen before (a problem's samples share a part)."""
     by_problem: dict[str, list[dict]] = {}
     for r in rows:
-        if r["problem_id"] not in seen and is_test(cfg, r["problem_id"]):
-            by_problem.setdefault(r["problem_id"], []).append(r)
+        if r[Col.PROBLEM_ID] not in seen and is_test(cfg, r[Col.PROBLEM_ID]):
+            by_problem.setdefault(r[Col.PROBLEM_ID], []).append(r)
     records = []
     for pid, samples in by_problem.items():
         seen.add(pid)
         first = samples[0]
         records.append(
             {
-                **{k: first[k] for k in ("problem_id", "source", "domain", "prompt", "reference", "metadata")},
-                "samples": len(samples),
-                "teacher_pass_rate": pass_rate([s["status"] for s in samples]),
+                **{k: first[k] for k in _PROBLEM_COLUMNS},
+                Col.SAMPLES: len(samples),
+                Col.TEACHER_PASS_RATE: pass_rate([s[Col.STATUS] for s in samples]),
             }
         )
     return records
@@ -139,15 +144,16 @@ class _Kept:
     """Per kept row: order key, split, stratum category, weight and location; numpy arrays, not Python objects."""
 
     def __init__(self) -> None:
-        self.columns: dict[str, list[np.ndarray]] = {k: [] for k in ("key", "test", "cat", "weight", "spill", "row")}
+        self.columns: dict[str, list[np.ndarray]] = {k: [] for k in ("key", "test", "cat", Col.WEIGHT, "spill", "row")}
         self.categories: dict[str, int] = {}
 
     def add(self, spill: int, rows: list[dict], cfg: BuildConfig) -> None:
         n = len(rows)
-        keys = [_hash64(cfg.seed, r["problem_id"], r["sample_index"]) for r in rows]
-        test = [is_test(cfg, r["problem_id"]) for r in rows]
+        keys = [_hash64(cfg.seed, r[Col.PROBLEM_ID], r[Col.SAMPLE_INDEX]) for r in rows]
+        test = [is_test(cfg, r[Col.PROBLEM_ID]) for r in rows]
         cats = [self.categories.setdefault(r["_category"], len(self.categories)) for r in rows]
-        for name, values in (("key", keys), ("test", test), ("cat", cats), ("weight", [r["weight"] for r in rows])):
+        weights = [r[Col.WEIGHT] for r in rows]
+        for name, values in (("key", keys), ("test", test), ("cat", cats), (Col.WEIGHT, weights)):
             self.columns[name].append(np.asarray(values, dtype={"key": np.uint64, "test": bool}.get(name)))
         self.columns["spill"].append(np.full(n, spill, dtype=np.int32))
         self.columns["row"].append(np.arange(n, dtype=np.int64))
@@ -216,8 +222,8 @@ def _write_split(out: Path, work: Path, split: str, idx: np.ndarray, arrays, spi
     for b in sorted(bucket_writers):
         table = pq.read_table(work / f"bucket-{split}-{b:05d}.parquet")
         table = table.take(pc.sort_indices(table, [("_rank", "ascending")])).drop_columns(["_rank"])
-        weights = pc.divide(table["weight"], mean_w) if mean_w > 0 else pa.array(np.ones(len(table)))
-        table = table.set_column(table.schema.get_field_index("weight"), "weight", weights)
+        weights = pc.divide(table[Col.WEIGHT], mean_w) if mean_w > 0 else pa.array(np.ones(len(table)))
+        table = table.set_column(table.schema.get_field_index(Col.WEIGHT), Col.WEIGHT, weights)
         writer.write(table.cast(DATASET_SCHEMA))
     if len(idx) == 0:
         writer.write(DATASET_SCHEMA.empty_table())
@@ -255,21 +261,19 @@ def _splits(entries: list[dict]) -> list[str]:
 def _dataset_stats(out: Path, entries: list[dict], rows_in: int, drops: Counter, judged: dict) -> dict:
     """Figures for the card, read back from the written shards (a column at a time) so they describe the files."""
     shards = [out / e["file"] for e in entries]
-    table = pq.read_table(shards, columns=["completion_tokens", "prompt_tokens", "weight"]) if shards else None
-    col = {
-        k: table[k].to_numpy(zero_copy_only=False) if table else np.zeros(0)
-        for k in ("completion_tokens", "prompt_tokens", "weight")
-    }
-    rate = {kind: {k: v[0] / v[1] for k, v in judged[kind].items() if v[1]} for kind in ("source", "domain")}
+    columns = [Col.COMPLETION_TOKENS, Col.PROMPT_TOKENS, Col.WEIGHT]
+    table = pq.read_table(shards, columns=columns) if shards else None
+    col = {k: table[k].to_numpy(zero_copy_only=False) if table else np.zeros(0) for k in columns}
+    rate = {kind: {k: v[0] / v[1] for k, v in judged[kind].items() if v[1]} for kind in judged}
     return {
         "rows_in": rows_in,
         "kept": sum(e["rows"] for e in entries),
         "dropped": dict(drops),
         "splits": {split: sum(e["rows"] for e in entries if e["split"] == split) for split in _splits(entries)},
-        "pass_rate_by_source": rate["source"],
-        "pass_rate_by_domain": rate["domain"],
-        "tokens": {k: _summary(col[k]) for k in ("completion_tokens", "prompt_tokens")},
-        "histograms": {"completion_tokens": _histogram(col["completion_tokens"]), "weight": _histogram(col["weight"])},
+        "pass_rate_by_source": rate[Col.SOURCE],
+        "pass_rate_by_domain": rate[Col.DOMAIN],
+        "tokens": {k: _summary(col[k]) for k in (Col.COMPLETION_TOKENS, Col.PROMPT_TOKENS)},
+        "histograms": {k: _histogram(col[k]) for k in (Col.COMPLETION_TOKENS, Col.WEIGHT)},
     }
 
 
@@ -299,7 +303,7 @@ def build(
     spills: list[Path] = []
     rows_in = 0
     teachers: set[str] = set()
-    judged: dict[str, dict[str, list[int]]] = {"source": {}, "domain": {}}
+    judged: dict[str, dict[str, list[int]]] = {Col.SOURCE: {}, Col.DOMAIN: {}}  # column -> value -> [passed, judged]
     exclusions = pq.ParquetWriter(work / "exclusions.parquet", _EXCLUSION_SCHEMA)
     test_problems = pq.ParquetWriter(work / TEST_PROBLEMS, TEST_PROBLEMS_SCHEMA) if cfg.test_fraction else None
     test_seen: set[str] = set()
@@ -309,23 +313,21 @@ def build(
         if test_problems:  # before selection: a test problem is one whatever its samples' verdicts
             records = _test_problems(rows, cfg, test_seen)
             test_problems.write_table(pa.Table.from_pylist(records, schema=TEST_PROBLEMS_SCHEMA))
-        teachers.update(r["teacher"] for r in rows)
+        teachers.update(r[Col.TEACHER] for r in rows)
         for r in rows:
-            for kind in ("source", "domain"):
+            for kind in judged:
                 tally = judged[kind].setdefault(r[kind], [0, 0])
-                tally[0] += r["status"] == "passed"
-                tally[1] += r["status"] in ("passed", "failed")  # infra errors and data faults judged nothing
+                tally[0] += r[Col.STATUS] == PASSED
+                tally[1] += r[Col.STATUS] in (PASSED, FAILED)  # infra errors and data faults judged nothing
         selected, dropped = [], []
         for row, reason in selector.select(rows):
             if reason is None:
                 selected.append(row)
             else:
-                dropped.append(
-                    {"problem_id": row["problem_id"], "sample_index": row["sample_index"], "reason": reason}
-                )
+                dropped.append({k: row[k] for k in (Col.PROBLEM_ID, Col.SAMPLE_INDEX)} | {Col.REASON: reason})
         exclusions.write_table(pa.Table.from_pylist(dropped, schema=_EXCLUSION_SCHEMA))
-        categories = {r["problem_id"]: category(r) for r in rows}
-        kept.add(i, [r | {"_category": categories[r["problem_id"]]} for r in selected], cfg)
+        categories = {r[Col.PROBLEM_ID]: category(r) for r in rows}
+        kept.add(i, [r | {"_category": categories[r[Col.PROBLEM_ID]]} for r in selected], cfg)
         spill = work / f"spill-{i:05d}.parquet"
         pq.write_table(pa.Table.from_pylist(selected, schema=DATASET_SCHEMA), spill, compression="zstd")
         spills.append(spill)
@@ -340,7 +342,7 @@ def build(
     mask = (
         _stratify(arrays, cfg.stratify.fractions, drops) if cfg.stratify.enabled else np.ones(len(arrays["key"]), bool)
     )
-    mean_w = float(arrays["weight"][mask].mean()) if mask.any() else 0.0
+    mean_w = float(arrays[Col.WEIGHT][mask].mean()) if mask.any() else 0.0
     entries = []
     for split, is_test in (("train", False), ("test", True)):
         idx = np.flatnonzero(mask & (arrays["test"].astype(bool) == is_test))
@@ -351,14 +353,14 @@ def build(
         "name": run_dir.name,
         "license": cfg.license,
         "recipe_hash": fingerprint(recipe_yaml),
-        "teacher": ", ".join(sorted(teachers)),
-        "domains": sorted(judged["domain"]),
+        "teacher": ", ".join(sorted(teachers)),  # not a column: the teachers of all rows
+        "domains": sorted(judged[Col.DOMAIN]),
         **_dataset_stats(out, entries, rows_in, drops, judged),
         "decontamination": {
             Path(p).stem: {
                 "removed": drops.get(f"contaminated:{Path(p).stem}", 0),
                 "n": cfg.decontamination.n,
-                "source": p,
+                "source": p,  # not a column: the eval set's path
             }
             for p in cfg.decontamination.eval_sets
         },

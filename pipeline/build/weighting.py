@@ -1,4 +1,9 @@
-"""Per-sample loss weights from the teacher's uncertainty (DESIGN.md, "Weighting").
+"""Per-sample loss weights from the teacher's uncertainty.
+
+Per sample: the mean token entropy of the top-K logprobs normalized by log K, h, gives the weight w = 1 - h^beta. Per
+problem: the pass rate over its n samples, and the agreement of their final answers (1 minus the entropy of the answer
+distribution over log n). The build turns these into the dataset's `weight` column, normalized to mean 1, which SFT
+can use as a per-sample loss weight.
 
 A completion the teacher wrote with flat token distributions, or a problem whose samples disagree on the answer, is
 weaker evidence of the right reasoning; the dataset builder down-weights it rather than dropping it. Everything here is
@@ -66,8 +71,14 @@ def _unbox(text: str) -> str:
     return text  # unbalanced: leave it for exact comparison
 
 
-def normalize_answer(answer: str) -> str:
-    """Light canonical form so formatting noise ("$\\boxed{12}$." vs "12") does not read as disagreement."""
+def normalize_for_voting(answer: str) -> str:
+    """The key under which final answers are counted as the same, for answer agreement here and cons@k voting in
+    the eval: a light canonical form so formatting noise ("$\\boxed{12}$." vs "12") does not read as disagreement.
+
+    Light on purpose: case, signs and operators stay, since "-x" and "x" (or "A" and "a" in an expression) are
+    different answers; the build's `normalize_for_dedup` and the text verifier's `normalize_for_text_verdict` fold
+    punctuation away and could not tell them apart.
+    """
     previous = None
     text = answer
     while text != previous:
@@ -88,7 +99,7 @@ def answer_agreement(answers: Sequence[str | None]) -> float:
     n = len(answers)
     if n <= 1:
         return 1.0
-    counts = Counter(normalize_answer(a) for a in answers if a is not None)
+    counts = Counter(normalize_for_voting(a) for a in answers if a is not None)
     sizes = [*counts.values(), *([1] * sum(a is None for a in answers))]
     entropy = -sum(c / n * math.log(c / n) for c in sizes)
     return min(1.0, max(0.0, 1.0 - entropy / math.log(n)))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import FileSource, GymSource, HFSource, HumanEvalSource, SourceConfig
+from pipeline.generate.config import FileSource, GymSource, HFSource, HumanEvalSource, SourceConfig
 from pipeline.parts import closed_parts
 from pipeline.records import DOMAINS, Problem, fingerprint, stable_id
 

@@ -15,13 +15,16 @@ import json
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.parts import closed_parts, update_stats, write_atomic_bytes, write_table_atomic
+from pipeline.executor import Executor, LocalExecutor, Shard
+from pipeline.parts import shard_parts, update_stats, write_atomic_bytes, write_table_atomic
 from pipeline.records import (
     DATA_FAULT,
     DOMAINS,
@@ -152,11 +155,19 @@ def _needs_verify(raw_part: Path, out: Path, vhash: str) -> bool:
     return hashes != {vhash} or INFRA_ERROR in table.column("status").to_pylist()
 
 
-def verify_run(run_dir: Path, cfg: VerifyConfig, quiet: bool = False) -> dict:
-    """raw/part-N.parquet -> verified/part-N.parquet, skipping parts already verified with these settings."""
-    started = time.monotonic()
+@dataclass
+class ShardVerdicts:
+    """One shard's raw parts, how many it (re)verified, and a summary of each row it verified."""
+
+    parts: list[Path]
+    parts_verified: int
+    rows: list[dict]
+
+
+def verify_shard(run_dir: Path, cfg: VerifyConfig, shard: Shard, quiet: bool = False) -> ShardVerdicts:
+    """The raw parts `shard` owns -> verified parts of the same names, skipping those verified with these settings."""
     vhash = verify_hash(cfg)
-    raw_parts = closed_parts(run_dir / "raw")
+    raw_parts = shard_parts(run_dir / "raw", shard)
     out_dir = run_dir / "verified"
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [p for p in raw_parts if _needs_verify(p, out_dir / p.name, vhash)]
@@ -170,13 +181,23 @@ def verify_run(run_dir: Path, cfg: VerifyConfig, quiet: bool = False) -> dict:
                 {k: r[k] for k in ("status", "passed", "reason", "verifier", "failed_filters", "domain")} for r in rows
             )
             progress.advance(progress.task_ids[0], len(rows))
+    return ShardVerdicts(raw_parts, len(todo), verified)
+
+
+def verify_run(run_dir: Path, cfg: VerifyConfig, quiet: bool = False, executor: Executor | None = None) -> dict:
+    """raw/part-N.parquet -> verified/part-N.parquet, skipping parts already verified with these settings; the
+    shards run by `executor` (default: one shard, every part, in this process)."""
+    started = time.monotonic()
+    shards = (executor or LocalExecutor()).run(partial(verify_shard, run_dir, cfg, quiet=quiet))
+    raw_parts = [p for s in shards for p in s.parts]
     columns = ["status", "verifier", "reason"]
-    everything = [r for p in raw_parts for r in pq.read_table(out_dir / p.name, columns=columns).to_pylist()]
+    verified_dir = run_dir / "verified"
+    everything = [r for p in raw_parts for r in pq.read_table(verified_dir / p.name, columns=columns).to_pylist()]
     stats = {
         "parts": len(raw_parts),
-        "parts_verified": len(todo),
-        "verify_hash": vhash,
-        **_summarize(verified, started),
+        "parts_verified": sum(s.parts_verified for s in shards),
+        "verify_hash": verify_hash(cfg),
+        **_summarize([r for s in shards for r in s.rows], started),
         "all_parts": _status_counts(everything),  # the whole of verified/, so a re-run that redoes nothing still tells
     }
     update_stats(run_dir, "verify", stats)

@@ -8,7 +8,7 @@ import pytest
 
 from eval.benchmarks import freeze, resolve
 from eval.config import EVAL_GYM_SEED, EvalConfig
-from pipeline.config import GymSource, HumanEvalSource
+from pipeline.generate.config import GymSource, HumanEvalSource
 from pipeline.generate.sources import load_problems
 
 

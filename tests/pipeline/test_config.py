@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import RecipeError, load_recipe
+from pipeline.config import load_recipe
+from pipeline.config_base import RecipeError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -4,7 +4,8 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.parts import PartWriter, RunLock, closed_parts, read_ledger
+from pipeline.executor import Shard
+from pipeline.parts import PartWriter, RunLock, closed_parts, read_ledger, shard_parts
 
 
 def _rows(problem: str, n: int = 2) -> list[dict]:
@@ -66,3 +67,38 @@ def test_parts_are_zstd_parquet(tmp_path):
     meta = pq.read_metadata(closed_parts(tmp_path)[0])
     assert meta.row_group(0).column(0).compression == "ZSTD"
     assert os.path.getsize(closed_parts(tmp_path)[0]) > 0
+
+
+def test_each_shard_writes_parts_of_its_own_name_and_the_ledger_reads_them_all(tmp_path):
+    with PartWriter(tmp_path, 10, 10) as writer:  # a run of one shard: the names of a run before shards
+        writer.add(_rows("whole"))
+    for shard, problem in [(Shard(1, 4), "a"), (Shard(1, 4), "b"), (Shard(0, 4), "c")]:
+        with PartWriter(tmp_path, 10, 10, shard=shard) as writer:
+            writer.add(_rows(problem))
+    assert [p.name for p in closed_parts(tmp_path)] == [
+        "part-00000.parquet",
+        "part-s000of004-00000.parquet",  # numbered apart from shard 1's: no name of another shard is taken
+        "part-s001of004-00000.parquet",
+        "part-s001of004-00001.parquet",
+    ]
+    assert read_ledger(tmp_path) == {"whole", "a", "b", "c"}
+    with PartWriter(tmp_path, 10, 10) as writer:
+        writer.add(_rows("again"))
+    assert (tmp_path / "part-00001.parquet").exists()
+
+
+def test_every_part_belongs_to_exactly_one_shard_whatever_the_shard_count(tmp_path):
+    writers = [Shard(), Shard(0, 2), Shard(1, 2), Shard(3, 4)]
+    for n, shard in enumerate(writers * 3):
+        with PartWriter(tmp_path, 10, 10, shard=shard) as writer:
+            writer.add(_rows(f"p{n}"))
+    everything = closed_parts(tmp_path)
+    assert len(everything) == 12
+    for count in range(1, 6):
+        owned = [shard_parts(tmp_path, Shard(i, count)) for i in range(count)]
+        assert sorted(p for parts in owned for p in parts) == everything, f"{count} shards: owned twice or never"
+    # a part written by shard i of 2 is shard i's when the count is again 2, whatever its name hashes to
+    assert any(Shard(1, 2).owns(p.name) for p in everything if "s000of002" in p.name)
+    assert [p.name.split("-")[1] for p in shard_parts(tmp_path, Shard(0, 2)) if "of002" in p.name] == ["s000of002"] * 3
+    assert [p.name.split("-")[1] for p in shard_parts(tmp_path, Shard(1, 2)) if "of002" in p.name] == ["s001of002"] * 3
+    assert shard_parts(tmp_path, Shard()) == everything

@@ -11,7 +11,7 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
-from pipeline.config import RecipeError
+from pipeline.config_base import RecipeError
 from pipeline.models import EMBEDDED_ALIAS
 from pipeline.parts import PartWriter
 from pipeline.run import _stage_hashes, load_run_recipe

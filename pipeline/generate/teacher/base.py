@@ -9,8 +9,9 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from pipeline.config import RecipeError, SamplingConfig
+from pipeline.config_base import RecipeError
 from pipeline.generate.completion import Completion
+from pipeline.generate.config import SamplingConfig
 
 
 @dataclass(frozen=True)

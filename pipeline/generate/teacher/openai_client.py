@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import httpx
 import openai
 
-from pipeline.config import NO_KEY, SamplingConfig, TeacherConfig
 from pipeline.generate.completion import Completion, mean_topk_entropy
+from pipeline.generate.config import NO_KEY, SamplingConfig, TeacherConfig
 from pipeline.generate.teacher.base import Teacher, TeacherConfigError, TeacherRequest, TeacherResult
 
 _RETRY_STATUS = {408, 409, 429}

@@ -13,8 +13,8 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 
-from pipeline.config import SamplingConfig, TeacherConfig
 from pipeline.generate.completion import Completion, mean_topk_entropy
+from pipeline.generate.config import SamplingConfig, TeacherConfig
 from pipeline.generate.teacher.base import (
     PROCESSED_LOGPROBS,
     Teacher,

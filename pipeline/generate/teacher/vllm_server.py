@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 from pydantic import SecretStr
 
-from pipeline.config import NO_KEY, TeacherConfig
+from pipeline.generate.config import NO_KEY, TeacherConfig
 from pipeline.generate.teacher.base import PROCESSED_LOGPROBS, vllm_env, vllm_version
 from pipeline.generate.teacher.openai_client import OpenAITeacher
 from pipeline.models import ResolvedModel

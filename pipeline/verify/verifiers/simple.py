@@ -103,8 +103,14 @@ class McqVerifier(ItemVerifier):
         return Verdict(PASSED if ok else FAILED, "correct" if ok else "wrong_answer", {"extracted": chosen})
 
 
-def normalize_text(text: str) -> str:
-    """SQuAD-style normalization: case, punctuation, articles and spacing do not make an answer wrong."""
+def normalize_for_text_verdict(text: str) -> str:
+    """SQuAD-style normalization for judging a free-text answer against its reference: case, punctuation, articles
+    and spacing do not make an answer wrong.
+
+    Articles go because "the Nile" answers "Nile"; the build's `normalize_for_dedup` keeps them (it asks whether two
+    texts are the same, not whether an answer is right), and the voting key `normalize_for_voting` keeps punctuation,
+    which is part of a math answer.
+    """
     text = text.lower()
     text = "".join(ch for ch in text if ch not in string.punctuation)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
@@ -115,7 +121,7 @@ class TextVerifier(ItemVerifier):
     name = "text"
 
     def verify_one(self, item: VerifyItem) -> Verdict:
-        if not normalize_text(item.reference):
+        if not normalize_for_text_verdict(item.reference):
             return Verdict(DATA_FAULT, "bad_reference", {"reference": item.reference[:200]})
         answer = final_answer(item.answer)
         if answer is None:
@@ -123,5 +129,5 @@ class TextVerifier(ItemVerifier):
             answer = lines[-1] if lines else None
         if answer is None:
             return Verdict(FAILED, "no_answer")
-        ok = normalize_text(answer) == normalize_text(item.reference)
+        ok = normalize_for_text_verdict(answer) == normalize_for_text_verdict(item.reference)
         return Verdict(PASSED if ok else FAILED, "correct" if ok else "wrong_answer", {"extracted": answer[:500]})

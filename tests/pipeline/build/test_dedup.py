@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import reasoning_gym
 
-from pipeline.build.dedup import Decontaminator, ExactDedup, NearDuplicatePrompts, load_eval_texts, normalize_text
+from pipeline.build.dedup import Decontaminator, ExactDedup, NearDuplicatePrompts, load_eval_texts, normalize_for_dedup
 
 EVAL_PROBLEMS = [
     "A train leaves the station at 9:15 AM traveling at 60 miles per hour. A second train leaves the same station "
@@ -94,9 +94,9 @@ def _raw_rows() -> list[tuple[str | None, str]]:
     return rows
 
 
-def test_normalize_text_folds_case_unicode_punctuation_and_spacing():
-    assert normalize_text("  \uff37hat  is\t3.5 + x_1?\n") == "what is 3 5 x 1"
-    assert normalize_text("...") == ""
+def test_normalize_for_dedup_folds_case_unicode_punctuation_and_spacing():
+    assert normalize_for_dedup("  \uff37hat  is\t3.5 + x_1?\n") == "what is 3 5 x 1"
+    assert normalize_for_dedup("...") == ""
 
 
 def test_planted_eval_problems_are_removed_and_unrelated_rows_stay():

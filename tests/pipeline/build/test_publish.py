@@ -3,9 +3,9 @@ from typing import ClassVar
 
 import huggingface_hub
 import pytest
-from tests.pipeline.build.test_card import build_dataset
 
 from pipeline.build.publish import NO_TOKEN, publish
+from tests.pipeline.build.test_card import build_dataset
 
 EXPECTED = [
     "README.md",
@@ -109,10 +109,9 @@ def test_missing_card_is_refused(tmp_path, monkeypatch):
 
 def test_a_build_is_published_with_its_test_problems(tmp_path, monkeypatch, no_token):
     # `distill eval` scores a build on every test problem, solved or not: the Hub copy must carry them too.
-    from tests.pipeline.build.test_build import _make_run
-
     from pipeline.build.config import BuildConfig
     from pipeline.build.stage import build
+    from tests.pipeline.build.test_build import _make_run
 
     _make_run(tmp_path / "run", problems=20)
     build(tmp_path / "run", BuildConfig(test_fraction=0.2), base_dir=tmp_path)

@@ -1,4 +1,5 @@
-"""Weighting formulas against hand-computed values (DESIGN.md, "Weighting")."""
+"""Weighting formulas (entropy weight, pass rate, answer agreement, modes, mean-one scaling) against hand-computed
+values."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pipeline.build.weighting import (
     MODES,
     answer_agreement,
     combine,
-    normalize_answer,
+    normalize_for_voting,
     normalize_to_mean_one,
     normalized_entropy,
     pass_rate,
@@ -137,13 +138,13 @@ def test_answer_agreement_normalizes_formatting():
         ("3.5.", "3.5"),
     ],
 )
-def test_normalize_answer(raw, expected):
-    assert normalize_answer(raw) == expected
+def test_normalize_for_voting(raw, expected):
+    assert normalize_for_voting(raw) == expected
 
 
-@pytest.mark.parametrize("raw", ["\\boxed{a}+\\boxed{b}", "$a$ and $b$", "\\boxed{12", "12"])
-def test_normalize_answer_keeps_what_is_not_one_wrapped_answer(raw):
-    assert normalize_answer(raw) == raw
+@pytest.mark.parametrize("raw", ["\\boxed{a}+\\boxed{b}", "$a$ and $b$", "\\boxed{12", "12", "-3", "The Nile"])
+def test_normalize_for_voting_keeps_what_is_not_one_wrapped_answer(raw):
+    assert normalize_for_voting(raw) == raw
 
 
 # ---- combine

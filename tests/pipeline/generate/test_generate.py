@@ -14,9 +14,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from tests.pipeline.generate.test_openai_retry_policy import VLLM_NO_MODEL, VLLM_TOO_LONG
 
-from pipeline.config import RecipeError, TeacherConfig, load_recipe
+from pipeline.config import load_recipe
+from pipeline.config_base import RecipeError
+from pipeline.generate.config import TeacherConfig
 from pipeline.generate.stage import generate
 from pipeline.generate.teacher.base import TeacherConfigError, logprobs_mode
 from pipeline.generate.teacher.vllm_server import ManagedVLLMServer
@@ -25,6 +26,7 @@ from pipeline.parts import TOO_LONG_DIR, closed_parts
 from pipeline.verify.stage import verify_run
 from tests.conftest import run_distill
 from tests.fake_openai import FakeOpenAIServer, Reply
+from tests.pipeline.generate.test_openai_retry_policy import VLLM_NO_MODEL, VLLM_TOO_LONG
 
 PROBLEMS = [("What is 2 + 2?", "4"), ("What is 3 + 3?", "6"), ("LONG: what is 4 + 4?", "8")]
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import RecipeError, SamplingConfig, TeacherConfig
+from pipeline.config_base import RecipeError
+from pipeline.generate.config import SamplingConfig, TeacherConfig
 from pipeline.generate.teacher.base import TeacherConfigError, TeacherRequest
 from pipeline.generate.teacher.openai_client import OpenAITeacher
 from tests.fake_openai import FakeOpenAIServer, Reply

@@ -9,12 +9,13 @@ import sys
 
 import pytest
 import yaml
-from tests.pipeline.generate.test_generate import write_recipe
 
-from pipeline.config import RecipeError, TeacherConfig
+from pipeline.config_base import RecipeError
+from pipeline.generate.config import TeacherConfig
 from pipeline.run import RunRecipe, _stage_hashes
 from tests.conftest import ROOT
 from tests.fake_openai import FakeOpenAIServer, Reply
+from tests.pipeline.generate.test_generate import write_recipe
 
 ENV_KEY = "sk-env-8f3a1c0b9d7e6f5a4b3c2d1e"
 RECIPE_KEY = "sk-recipe-0a1b2c3d4e5f6a7b8c9d"

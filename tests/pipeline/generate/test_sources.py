@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import reasoning_gym
 
-from pipeline.config import FileSource, GymSource, HFSource, HumanEvalSource
+from pipeline.generate.config import FileSource, GymSource, HFSource, HumanEvalSource
 from pipeline.generate.sources import iter_problems, load_problems, problems_digest
 from pipeline.records import stable_id
 
@@ -259,7 +259,8 @@ def test_the_problems_digest_covers_each_rows_content_not_only_its_id(tmp_path):
 
 
 def test_resuming_a_generation_after_a_row_was_edited_under_its_id_is_refused(tmp_path, monkeypatch):
-    from pipeline.config import RecipeError, load_recipe
+    from pipeline.config import load_recipe
+    from pipeline.config_base import RecipeError
     from pipeline.generate.stage import generate
     from tests.fake_openai import FakeOpenAIServer
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import reasoning_gym
 
-from pipeline.config import GymSource
+from pipeline.generate.config import GymSource
 from pipeline.generate.sources import load_problems
 from pipeline.parts import PartWriter
 from pipeline.records import VERIFIED_SCHEMA

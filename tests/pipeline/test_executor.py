@@ -1,0 +1,190 @@
+"""Shards and the local executor: a stable hash partition of problem ids, and generate + verify + build over a run
+split in two shards against the fake OpenAI-compatible server (tests/fake_openai.py), compared with one shard."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.config import load_recipe
+from pipeline.executor import LocalExecutor, Shard
+from pipeline.generate.stage import generate
+from pipeline.parts import closed_parts
+from pipeline.verify.stage import verify_run
+from tests.fake_openai import FakeOpenAIServer, Reply
+
+
+@pytest.mark.parametrize(("index", "count"), [(0, 0), (-1, 2), (2, 2), (5, 3)])
+def test_a_shard_outside_its_count_is_refused(index, count):
+    with pytest.raises(ValueError, match=f"shard {index} of {count}"):
+        Shard(index, count)
+
+
+def test_a_local_executor_needs_a_shard_and_runs_each_in_order():
+    with pytest.raises(ValueError, match="at least one shard"):
+        LocalExecutor(0)
+    assert LocalExecutor(3).run(lambda shard: (shard.index, shard.count, shard.label)) == [
+        (0, 3, "s000of003"),
+        (1, 3, "s001of003"),
+        (2, 3, "s002of003"),
+    ]
+    assert LocalExecutor().run(lambda shard: shard) == [Shard(0, 1)]
+
+
+def test_every_id_is_owned_by_exactly_one_shard_and_the_same_one_in_every_process():
+    ids = [f"gsm8k/{i}" for i in range(300)]
+    for count in (1, 2, 3, 7):
+        owners = [[i for i in range(count) if Shard(i, count).owns(pid)] for pid in ids]
+        assert all(len(o) == 1 for o in owners), f"{count} shards: an id owned twice or never"
+        sizes = [sum(o == [i] for o in owners) for i in range(count)]
+        assert min(sizes) > 300 / count / 2, f"{count} shards: a lopsided split {sizes}"
+    # sha256("gsm8k/0") begins 1950c90912ecd129 (checked with sha256sum): modulo 4 its last hex digit 9 gives 1;
+    # modulo 3 (16 is 1 modulo 3) its hex digits' sum 99 gives 0. So in every process, whatever PYTHONHASHSEED it
+    # drew (Python's own hash() would differ from one process to the next):
+    assert hashlib.sha256(b"gsm8k/0").hexdigest().startswith("1950c90912ecd129")
+    assert [Shard(i, 4).owns("gsm8k/0") for i in range(4)] == [False, True, False, False]
+    assert [Shard(i, 3).owns("gsm8k/0") for i in range(3)] == [True, False, False]
+
+
+# ---- a run split in two shards, against one shard
+
+
+PROBLEMS = [(f"What is {i} + {i}?", str(2 * i)) for i in range(1, 13)]
+
+
+def _recipe(tmp_path: Path, url: str, name: str) -> Path:
+    (tmp_path / "math.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in PROBLEMS))
+    recipe = {
+        "name": name,
+        "sources": [{"type": "file", "path": "math.jsonl", "columns": {"prompt": "question", "reference": "answer"}}],
+        "sampling": {"n": 2, "max_tokens": 64, "logprobs": 0},
+        "teacher": {"backend": "openai", "model": "m", "endpoints": [url], "concurrency": 4, "max_retries": 0},
+        "output": {"runs_dir": str(tmp_path / "runs"), "part_rows": 6, "part_seconds": 30},
+        "verify": {"filters": {"enabled": []}},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _answer(body: dict) -> Reply:
+    """Right for even sums below 20, wrong otherwise: both verdicts occur."""
+    a = int(re.search(r"What is (\d+) \+", body["messages"][-1]["content"]).group(1))
+    return Reply(content=f"So the sum is \\boxed{{{2 * a if a < 10 else 2 * a + 1}}}.", reasoning_content=f"{a}+{a}")
+
+
+def _rows(folder: Path, columns: list[str]) -> set[tuple]:
+    table = ds.dataset(folder, format="parquet").to_table(columns=columns)
+    return set(zip(*(table.column(c).to_pylist() for c in columns), strict=True))
+
+
+# the stats of a run before shards, key for key: one shard (the default executor) keeps them as they were
+GENERATE_KEYS = [
+    "run",
+    "config_hash",
+    "teacher",
+    "engine",
+    "problems_total",
+    "problems_resumed",
+    "problems_answered",
+    "problems_complete",
+    "completions",
+    "completion_tokens",
+    "tokens_per_s",
+    "completions_per_s",
+    "generation_s",
+    "elapsed_s",
+    "rejected_rows",
+    "rejected_too_long",
+    "rejected_too_long_total",
+    "infra_errors",
+    "failures",
+    "retries",
+    "parts_written",
+]
+VERIFY_KEYS = [
+    "parts",
+    "parts_verified",
+    "verify_hash",
+    "rows",
+    "passed",
+    "failed",
+    "infra_error",
+    "data_fault",
+    "data_faults",
+    "reasons",
+    "failed_filters",
+    "kept",
+    "by_domain",
+    "elapsed_s",
+    "rows_per_s",
+    "all_parts",
+]
+COUNTS = ["problems_total", "problems_answered", "problems_complete", "completions", "completion_tokens"]
+VERDICTS = ["rows", "passed", "failed", "infra_error", "data_fault", "kept", "reasons", "by_domain"]
+
+
+def test_two_shards_make_the_rows_of_one_in_parts_of_their_own_and_resume_and_build(tmp_path):
+    with FakeOpenAIServer(_answer) as server:
+        one = load_recipe(_recipe(tmp_path, server.url, "one"))
+        one_stats = generate(one, quiet=True)
+        one_calls = server.chat_calls
+        two = load_recipe(_recipe(tmp_path, server.url, "two"))
+        two_stats = generate(two, quiet=True, executor=LocalExecutor(shards=2))
+        assert server.chat_calls - one_calls == len(PROBLEMS), "each problem is asked once, by one shard"
+        again = generate(two, quiet=True, executor=LocalExecutor(shards=2))
+        whole = generate(two, quiet=True)  # the ledger reads every shard's parts, whatever the shard count now
+        assert server.chat_calls - one_calls == len(PROBLEMS), "a finished run re-run made teacher calls"
+    assert (again["problems_answered"], again["problems_resumed"], again["parts_written"]) == (0, len(PROBLEMS), 0)
+    assert (whole["problems_answered"], whole["problems_complete"]) == (0, len(PROBLEMS))
+
+    # the stats have today's shape; the counts of two shards add up to those of one
+    assert list(one_stats) == list(two_stats) == GENERATE_KEYS
+    assert one_stats["retries"] == two_stats["retries"] == {} and one_stats["failures"] == two_stats["failures"] == []
+    assert {k: two_stats[k] for k in COUNTS} == {k: one_stats[k] for k in COUNTS}
+    assert two_stats["problems_total"] == len(PROBLEMS) and two_stats["completions"] == 2 * len(PROBLEMS)
+    assert two_stats["parts_written"] == len(closed_parts(two.run_dir / "raw"))
+
+    # the same rows, in parts named for their shard, each shard's problems its own
+    columns = ["problem_id", "sample_index", "prompt", "completion", "reasoning", "answer"]
+    assert _rows(two.run_dir / "raw", columns) == _rows(one.run_dir / "raw", columns)
+    assert [p.name for p in closed_parts(one.run_dir / "raw")] == [f"part-{n:05d}.parquet" for n in range(4)]
+    problems_of: dict[int, set[str]] = {0: set(), 1: set()}
+    for part in closed_parts(two.run_dir / "raw"):
+        index = int(re.fullmatch(r"part-s00([01])of002-\d{5}\.parquet", part.name).group(1))
+        ids = set(pq.read_table(part, columns=["problem_id"]).column("problem_id").to_pylist())
+        assert all(Shard(index, 2).owns(pid) for pid in ids), f"{part.name} holds another shard's problems"
+        problems_of[index] |= ids
+    assert problems_of[0] and problems_of[1] and not problems_of[0] & problems_of[1]
+    assert len(problems_of[0] | problems_of[1]) == len(PROBLEMS)
+
+    # verify: each shard its own raw parts, into verified parts of the same names
+    one_verdicts = verify_run(one.run_dir, one.verify, quiet=True)
+    two_verdicts = verify_run(two.run_dir, two.verify, quiet=True, executor=LocalExecutor(shards=2))
+    assert list(one_verdicts) == list(two_verdicts) == VERIFY_KEYS
+    assert {k: two_verdicts[k] for k in VERDICTS} == {k: one_verdicts[k] for k in VERDICTS}
+    assert 0 < one_verdicts["passed"] < one_verdicts["rows"] == 2 * len(PROBLEMS)
+    raw_names = [p.name for p in closed_parts(two.run_dir / "raw")]
+    assert [p.name for p in closed_parts(two.run_dir / "verified")] == raw_names
+    assert two_verdicts["parts"] == two_verdicts["parts_verified"] == len(raw_names)
+    verdict_columns = ["problem_id", "sample_index", "status", "reason"]
+    assert _rows(two.run_dir / "verified", verdict_columns) == _rows(one.run_dir / "verified", verdict_columns)
+    assert verify_run(two.run_dir, two.verify, quiet=True)["parts_verified"] == 0  # one shard now: nothing redone
+
+    # build takes the two shards' verified parts as it takes one shard's
+    for run in (one, two):
+        assert main(["build", str(run.run_dir), "build.near_dup_threshold=null", "-q"]) == 0
+    dataset_columns = ["problem_id", "sample_index", "answer"]
+    assert _rows(two.run_dir / "dataset" / "data", dataset_columns) == _rows(
+        one.run_dir / "dataset" / "data", dataset_columns
+    )
+    # one row per solved problem (1 + 1 to 9 + 9): a problem's two samples are the same text, kept once
+    assert len(_rows(two.run_dir / "dataset" / "data", dataset_columns)) == 9
