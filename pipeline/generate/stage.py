@@ -275,6 +275,9 @@ def generate(
         run = prepare_run(recipe)
         shards = (executor or LocalExecutor()).run(partial(generate_shard, run, quiet=quiet, teacher=teacher))
         counts = sum((s.counts for s in shards), Counter())
+        retries: Counter[str] = Counter()  # update, not +: a retry kind counted zero times stays in the stats
+        for s in shards:
+            retries.update(s.retries)
         generation_s = sum(s.generation_s for s in shards)  # shard after shard: their generation times add up
         elapsed = time.monotonic() - started
         stats = {
@@ -298,7 +301,7 @@ def generate(
             "infra_errors": counts["infra_error"],
             "failures": [f for s in shards for f in s.failures],
             # a shared teacher counts over every shard itself; each shard's own teacher counted only its shard
-            "retries": dict(teacher.counters) if teacher else _add_counts([s.retries for s in shards]),
+            "retries": dict(teacher.counters) if teacher else dict(retries),
             "parts_written": sum(s.parts_written for s in shards),
         }
         update_stats(recipe.run_dir, "generate", stats)
@@ -306,11 +309,3 @@ def generate(
         return stats
     finally:
         lock.release()
-
-
-def _add_counts(counters: list[dict[str, int]]) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for counter in counters:
-        for key, n in counter.items():
-            total[key] = total.get(key, 0) + n
-    return total

@@ -11,6 +11,7 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
+from pipeline.config import load_recipe
 from pipeline.config_base import RecipeError
 from pipeline.models import EMBEDDED_ALIAS
 from pipeline.parts import PartWriter
@@ -18,13 +19,18 @@ from pipeline.run import _stage_hashes, load_run_recipe
 from tests.conftest import ROOT, sigint_as_in_a_terminal
 
 EASY = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+# The demo's short answer form: the embedded teacher then ends about one sample in ten with a correct "Answer: X"
+# line, so 32 problems x 4 samples leave rows to train on whatever the machine's floating point (with the long form,
+# 16 x 4 once left none on CI).
+BRIEF = {"templates": {"gym": "brief.txt"}, "system_prompt": load_recipe(ROOT / "recipes" / "demo.yaml").system_prompt}
 
 
 def tiny_recipe(tmp_path, **changes) -> dict:
-    """Every stage at toy size: 16 one-digit sums, a 2-layer student, 40 SFT steps, 6 eval problems."""
+    """Every stage at toy size: 32 one-digit sums, a 2-layer student, 40 SFT steps, 6 eval problems."""
     recipe = {
         "name": "tiny",
-        "sources": [{"type": "reasoning_gym", "tasks": ["chain_sum"], "size": 16, "seed": 0, "config": EASY}],
+        "sources": [{"type": "reasoning_gym", "tasks": ["chain_sum"], "size": 32, "seed": 0, "config": EASY}],
+        **BRIEF,
         "sampling": {"n": 4, "max_tokens": 32, "seed": 0, "logprobs": 5},
         "teacher": {"model": EMBEDDED_ALIAS, "max_model_len": 512, "max_num_seqs": 32},
         "output": {"runs_dir": str(tmp_path / "runs")},
