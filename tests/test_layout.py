@@ -154,3 +154,22 @@ def test_the_data_path_only_looks_back():
         if unit(module) in later:
             wrong = {unit(t) for t in _imports(module)} & later[unit(module)]
             assert not wrong, f"{module} imports {wrong}"
+
+
+def test_the_readme_layout_table_names_every_module_and_folder():
+    """Each stage folder has its row, and every module of pipeline/, sft/ and eval/ is named in its folder's row."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip().strip("`"): line for line in table.splitlines() if line.startswith("| `")}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path.name == "__init__.py":
+                continue
+            relative = path.relative_to(ROOT)
+            # The row of the deepest folder that has one: pipeline/verify/verifiers/math.py is in pipeline/verify/'s.
+            folder = next(f"{p.as_posix()}/" for p in relative.parents if f"{p.as_posix()}/" in rows)
+            inner = relative.relative_to(folder).as_posix()
+            named = f"`{inner}`" in rows[folder] or f"`{path.name}`" in rows[folder]
+            assert named, f"{relative} is not named in the README's row of {folder}"
+    for folder in STAGE_FOLDERS:
+        assert folder.replace(".", "/") + "/" in rows

@@ -4,14 +4,12 @@ split in two shards against the fake OpenAI-compatible server (tests/fake_openai
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from pipeline.cli import main
 from pipeline.config import load_recipe
@@ -20,6 +18,7 @@ from pipeline.generate.stage import generate
 from pipeline.parts import closed_parts
 from pipeline.verify.stage import verify_run
 from tests.fake_openai import FakeOpenAIServer, Reply
+from tests.pipeline.generate.test_generate import write_recipe
 
 
 @pytest.mark.parametrize(("index", "count"), [(0, 0), (-1, 2), (2, 2), (5, 3)])
@@ -61,18 +60,8 @@ PROBLEMS = [(f"What is {i} + {i}?", str(2 * i)) for i in range(1, 13)]
 
 
 def _recipe(tmp_path: Path, url: str, name: str) -> Path:
-    (tmp_path / "math.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in PROBLEMS))
-    recipe = {
-        "name": name,
-        "sources": [{"type": "file", "path": "math.jsonl", "columns": {"prompt": "question", "reference": "answer"}}],
-        "sampling": {"n": 2, "max_tokens": 64, "logprobs": 0},
-        "teacher": {"backend": "openai", "model": "m", "endpoints": [url], "concurrency": 4, "max_retries": 0},
-        "output": {"runs_dir": str(tmp_path / "runs"), "part_rows": 6, "part_seconds": 30},
-        "verify": {"filters": {"enabled": []}},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    sections = {"output": {"part_rows": 6}, "verify": {"filters": {"enabled": []}}}
+    return write_recipe(tmp_path, url, name, problems=PROBLEMS, **sections)
 
 
 def _answer(body: dict) -> Reply:

@@ -31,8 +31,9 @@ from tests.pipeline.generate.test_openai_retry_policy import VLLM_NO_MODEL, VLLM
 PROBLEMS = [("What is 2 + 2?", "4"), ("What is 3 + 3?", "6"), ("LONG: what is 4 + 4?", "8")]
 
 
-def write_recipe(tmp_path: Path, url: str, name: str = "fake", **sections) -> Path:
-    (tmp_path / "math.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in PROBLEMS))
+def write_recipe(tmp_path: Path, url: str, name: str = "fake", problems=PROBLEMS, **sections) -> Path:
+    """A recipe of `problems` (question, answer) answered by the scripted server at `url`; `sections` update it."""
+    (tmp_path / "math.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in problems))
     recipe = {
         "name": name,
         "sources": [{"type": "file", "path": "math.jsonl", "columns": {"prompt": "question", "reference": "answer"}}],
