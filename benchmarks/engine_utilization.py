@@ -1,30 +1,54 @@
 """How much of the engine's throughput `distill generate` keeps: its generated tokens/s over raw `vllm.LLM`'s.
 
-    python benchmarks/engine_utilization.py            # 32 problems, n=2, 256 tokens, 2 rounds each
-    python benchmarks/engine_utilization.py --rounds 3 --max-tokens 128
+    python benchmarks/engine_utilization.py            # 32 problems, n=2, 256 tokens, 2 rounds each; Ray: 128
+    python benchmarks/engine_utilization.py --rounds 3 --max-tokens 128 --ray-problems 256
 
 Both sides see the same 32 rendered prompts and the same SamplingParams, in the same process and the
 same engine, alternating raw/ours so that machine noise hits both. Throughput excludes engine start-up on both
 sides (ours: `generation_s` in stats.json, from the first request to the last part written). The server line runs
 `distill generate` with the openai backend against a managed vLLM server, and is divided by the raw in-process
 figure: the cost of HTTP, JSON and the client included. Targets: >= 0.95 in-process, >= 0.90 through the server.
+
+The Ray line runs `distill generate executor.type=ray executor.workers=2 executor.cpus_per_worker=1` (a local Ray
+cluster, 2 actors, each with its own in-process vLLM engine and one thread) on a larger recipe, `--ray-problems`
+problems in `--ray-shards` shards, so that each actor generates for minutes after its engine started and pulls
+several shards. Its denominator is NOT the 32-problem in-process line: it is a one-process `distill generate` of the
+very same larger recipe (same problems and prompts, same sampling and seed, `executor` left local: one shard),
+run on this process's engine (the one of the in-process line: the default multiprocess engine, whose model runs on
+one core while the other serves the frontend and the scheduler) just before the Ray run, in the same benchmark run
+on the same machine. A larger workload on both sides because a Ray run's `generation_s` spans from the first
+request of any shard to the end of the last: one actor's engine coming up a few seconds after the other's, and the
+last shard's tail, would weigh on 32 problems. Both are `tokens_per_s` of stats.json. The cores are shared by the
+two actors, as by the one-process engine's processes: the target, >= 0.85, says that Ray costs next to nothing.
+Every engine here has the same settings (the recipe's teacher; VLLM_CPU_KVCACHE_SPACE defaults to 2 GiB for all of
+them, enough for 64 sequences, so that two engines fit beside the rest of the machine's work).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def make_recipe(runs_dir: Path, name: str, max_tokens: int, overrides: list[str] = ()):
+DEMO_MATH_PROBLEMS = 16
+RAY = ["executor.type=ray", "executor.workers=2", "executor.cpus_per_worker=1"]
+
+
+def make_recipe(runs_dir: Path, name: str, max_tokens: int, overrides: list[str] = (), problems: int = 32):
+    """`problems`: the 16 demo math problems and reasoning-gym ones, half of each task (the first 32 are those of
+    the in-process lines)."""
     from pipeline.config import load_recipe
 
+    gym_size = (problems - DEMO_MATH_PROBLEMS) // 2
+    assert gym_size > 0 and DEMO_MATH_PROBLEMS + 2 * gym_size == problems, f"problems={problems}: 16 + an even number"
     base = [
         f"name={name}",
         f"output.runs_dir={runs_dir}",
@@ -32,9 +56,9 @@ def make_recipe(runs_dir: Path, name: str, max_tokens: int, overrides: list[str]
         "sampling.n=2",
         "sampling.seed=0",
         "output.part_rows=64",
-        # 16 demo math problems + 16 reasoning-gym problems = 32
+        # 16 demo math problems + 2 x gym_size reasoning-gym problems (32 by default)
         "sources=[{type: file, path: ../data/demo_math.jsonl, columns: {prompt: question, reference: answer}},"
-        " {type: reasoning_gym, tasks: [basic_arithmetic, chain_sum], size: 8, seed: 3}]",
+        f" {{type: reasoning_gym, tasks: [basic_arithmetic, chain_sum], size: {gym_size}, seed: 3}}]",
     ]
     return load_recipe(ROOT / "recipes" / "demo.yaml", [*base, *overrides])
 
@@ -63,7 +87,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2, help="raw/ours pairs per backend")
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--ray-problems", type=int, default=128, help="problems of the Ray run and its denominator")
+    parser.add_argument("--ray-shards", type=int, default=8, help="shards of the Ray run (4 for each of 2 workers)")
     args = parser.parse_args()
+    # Before any engine starts, so that all of them (this process's, the server's, the Ray actors') have the same.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
     from pipeline.generate.stage import generate
     from pipeline.generate.teacher.vllm_engine import VLLMEngineTeacher, load_llm, sampling_params
@@ -86,8 +114,21 @@ def main() -> None:
         assert stats["problems_answered"] == 32, stats["failures"][:3]
         ours.append(stats["tokens_per_s"])
         print(f"round {i}: raw vllm.LLM {raw[-1]:.1f} tok/s, distill generate (vllm) {ours[-1]:.1f} tok/s", flush=True)
+
+    # The Ray line's denominator: one process, the Ray run's recipe (executor left local), this engine.
+    large = partial(make_recipe, work, max_tokens=args.max_tokens, problems=args.ray_problems)
+    teacher = VLLMEngineTeacher(model, recipe.teacher, llm=llm)
+    one = generate(large(name="one-process"), quiet=True, teacher=teacher)
+    assert one["problems_answered"] == args.ray_problems, one["failures"][:3]
+    print(f"distill generate, one process, {args.ray_problems} problems: {one['tokens_per_s']:.1f} tok/s", flush=True)
     del llm, teacher
     gc.collect()
+
+    # The same recipe on 2 Ray actors; this process starts no engine for it (the actors' engines are in-process).
+    ray_stats = generate(large(name="ray", overrides=[*RAY, f"executor.shards={args.ray_shards}"]), quiet=True)
+    assert ray_stats["problems_answered"] == args.ray_problems, ray_stats["failures"][:3]
+    assert len(ray_stats["shards"]) == args.ray_shards, ray_stats["shards"]
+    print(f"distill generate, 2 Ray workers: {ray_stats['tokens_per_s']:.1f} tok/s", flush=True)
 
     served = []
     # The seed goes to the server's engine, not into each request (see SamplingConfig.seed), as vllm-server does.
@@ -107,6 +148,14 @@ def main() -> None:
     for label, values, target in (("vllm in-process", ours, 0.95), ("openai -> vllm server", served, 0.90)):
         mean = statistics.mean(values)
         print(f"| distill generate, {label} | {mean:.1f} | {mean / raw_mean:.3f} | >= {target} |")
+    header = f"path ({args.ray_problems} problems, n=2, {args.max_tokens} tokens, Ray: {args.ray_shards} shards)"
+    print(f"\n| {header} | tokens/s | generation_s | ratio to one process | target |\n| --- | --- | --- | --- | --- |")
+    for label, stats, target in (
+        ("distill generate, one process (vllm)", one, ""),
+        ("distill generate, 2 Ray workers (1 core each)", ray_stats, ">= 0.85"),
+    ):
+        ratio = stats["tokens_per_s"] / one["tokens_per_s"]
+        print(f"| {label} | {stats['tokens_per_s']:.1f} | {stats['generation_s']:.1f} | {ratio:.3f} | {target} |")
 
 
 if __name__ == "__main__":

@@ -110,10 +110,17 @@ def _performance(run: ModelRun, rows: list[dict], folder: Path | None, cfg: Eval
         "latency_p95_s": percentile(latencies, 95) if latencies else None,
         "parameters": parameter_count(folder) if folder else None,
         "size_on_disk_bytes": size_on_disk(folder) if folder else None,
-        "kv_cache_bytes_per_token": kv_bytes_per_token(folder, cfg.engine.dtype) if folder else None,
+        "kv_cache_bytes_per_token": kv_bytes_per_token(folder, _engine_dtype(cfg)) if folder else None,
         "avg_completion_tokens": sum(tokens) / len(tokens) if tokens else None,
         "avg_reasoning_tokens": _reasoning_tokens(rows, folder),
     }
+
+
+def _engine_dtype(cfg: EvalConfig) -> str:
+    """The dtype the engine ran in: teacher.dtype "auto" is float32 on CPU, the model's own on a GPU."""
+    from pipeline.generate.teacher.vllm_engine import engine_settings
+
+    return engine_settings(cfg.engine)["dtype"]
 
 
 def _reasoning_tokens(rows: list[dict], folder: Path | None) -> float | None:

@@ -29,16 +29,27 @@ def make_parser() -> argparse.ArgumentParser:
             " Re-running resumes: problems already in closed parts are skipped. Without a recipe, runs the demo"
             " recipe on the embedded teacher (SmolLM2-135M-Instruct on CPU)."
         ),
-        epilog="example: distill generate recipes/demo.yaml sampling.n=4 teacher.backend=vllm-server name=demo-n4",
+        epilog=(
+            "examples: distill generate recipes/demo.yaml sampling.n=4 teacher.backend=vllm-server name=demo-n4 | "
+            "one shard of N, e.g. a Slurm array task: distill generate RECIPE "
+            "shard=$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT | on Ray actors: distill generate RECIPE "
+            "executor.type=ray executor.workers=4 (executor.address=HOST:PORT for an existing cluster)"
+        ),
     )
     gen.add_argument("recipe", nargs="?", type=Path, default=DEMO_RECIPE, help=f"YAML recipe (default: {DEMO_RECIPE})")
     gen.add_argument(
         "overrides",
         nargs="*",
         metavar="FIELD=VALUE",
-        help="override any recipe field, dotted, value parsed as YAML: sampling.n=4 'teacher.endpoints=[URL]'",
+        help="override any recipe field, dotted, value parsed as YAML: sampling.n=4 'teacher.endpoints=[URL]'; "
+        "shard=I/N does shard I of N alone (executor.shard=I executor.shards=N)",
     )
     gen.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary (batch jobs)")
+    gen.add_argument(
+        "--status",
+        action="store_true",
+        help="say which shards of the run are complete, partial (running or stopped) or not started; generate nothing",
+    )
     gen.add_argument(
         "--no-verify", action="store_true", help="skip the inline verify stage (same as verify.inline=false)"
     )
@@ -54,7 +65,12 @@ def make_parser() -> argparse.ArgumentParser:
         epilog="examples: distill verify runs/demo | distill verify --input gens.jsonl --output gens.parquet",
     )
     ver.add_argument("target", nargs="?", type=Path, help="a run folder (uses its recipe.yaml) or a recipe YAML")
-    ver.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help="e.g. verify.math.timeout_s=10")
+    ver.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="FIELD=VALUE",
+        help="e.g. verify.math.timeout_s=10; shard=I/N verifies the raw parts of shard I of N alone",
+    )
     ver.add_argument("--input", type=Path, help="file mode: JSONL or Parquet rows to verify")
     ver.add_argument("--output", type=Path, help="file mode: Parquet file to write (rejects beside it)")
     ver.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -188,7 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)  # finally blocks run: parts flushed, servers stopped
     if argv[:1] == ["sft"]:  # TRL's parser owns the sft command line (--config, --output_dir, any SFTConfig field)
         return _sft(argv[1:])
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    # FIELD=VALUE after a flag (`generate RECIPE --status executor.shards=4`): argparse leaves it over
+    if extra and (not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.command == "student":
         from sft.prune import prune_layers
 
@@ -202,24 +224,37 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.config import load_recipe
     from pipeline.config_base import RecipeError
+    from pipeline.executor import ShardBusy, make_executor
 
     if args.command in ("eval", "run"):
         return _eval_or_run(args)
     if args.command == "generate" and args.quiet:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
+        if args.command in ("generate", "verify"):
+            args.overrides = [o for item in args.overrides for o in _expand_shard(item)]
         if args.command == "verify":
             return _verify(args)
         if args.command in ("build", "stats", "publish"):
             return _dataset_command(args)
         recipe = load_recipe(args.recipe, args.overrides)
+        if args.status:
+            from pipeline.generate.status import print_status
+
+            return print_status(recipe)
         from pipeline.generate.stage import generate
 
         stats = generate(recipe, quiet=args.quiet)
         if recipe.verify.inline and not args.no_verify:
             from pipeline.verify.stage import verify_run
 
-            stats["infra_errors"] += verify_run(recipe.run_dir, recipe.verify, quiet=args.quiet)["infra_error"]
+            # the shards this command generated: one array task verifies its own shard's parts
+            executor = make_executor(recipe.executor)
+            verdicts = verify_run(recipe.run_dir, recipe.verify, quiet=args.quiet, executor=executor)
+            stats["infra_errors"] += verdicts["infra_error"]
+    except ShardBusy as e:
+        print(f"distill: error: {e}", file=sys.stderr)
+        return 2
     except (RecipeError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
@@ -234,6 +269,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 3
     return 0
+
+
+def _expand_shard(item: str) -> list[str]:
+    """`shard=I/N` stands for the overrides executor.shard=I executor.shards=N; any other item is itself."""
+    from pipeline.executor import parse_shard_override
+
+    return parse_shard_override(item.partition("=")[2]) if item.startswith("shard=") else [item]
 
 
 def _sft(argv: list[str]) -> int:
@@ -323,6 +365,7 @@ def _dataset_command(args) -> int:
 def _verify(args) -> int:
     from pipeline.config import VerifyConfig, apply_overrides, load_recipe, validate
     from pipeline.config_base import RecipeError
+    from pipeline.executor import make_executor
     from pipeline.verify.stage import verify_file, verify_run
 
     if args.input or args.output:
@@ -340,7 +383,8 @@ def _verify(args) -> int:
             raise RecipeError("give a run folder or a recipe (or --input/--output for file mode)")
         run_folder = args.target.is_dir()
         recipe = load_recipe(args.target / "recipe.yaml" if run_folder else args.target, args.overrides)
-        stats = verify_run(args.target if run_folder else recipe.run_dir, recipe.verify, quiet=args.quiet)
+        run_dir = args.target if run_folder else recipe.run_dir
+        stats = verify_run(run_dir, recipe.verify, quiet=args.quiet, executor=make_executor(recipe.executor))
     if not args.quiet:  # the summary, without the long per-reason breakdown kept in stats.json
         print(json.dumps({k: v for k, v in stats.items() if k != "reasons"}, indent=2))
     return 3 if stats.get("infra_error") else 0

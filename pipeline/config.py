@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import ValidationError, model_validator
 
 from pipeline.build.config import BuildConfig
 from pipeline.config_base import RecipeError, Strict
@@ -24,6 +24,14 @@ class Recipe(GenerateConfig):
 
     verify: VerifyConfig = VerifyConfig()
     build: BuildConfig = BuildConfig()
+
+    @model_validator(mode="after")
+    def _logprobs_only_when_weighted(self) -> Recipe:
+        """Top-k logprobs cost the engine time and memory; only the "sample" weightings read the entropy they give
+        (pipeline.build.weighting), so a uniform build asks for none unless the recipe sets sampling.logprobs."""
+        if "logprobs" not in self.sampling.model_fields_set and self.build.weighting == "uniform":
+            self.sampling = self.sampling.model_copy(update={"logprobs": 0})
+        return self
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -2,11 +2,14 @@
 
 A stage step (`generate_shard`, `verify_shard`) works on one `Shard` of its input: the problem ids (or raw parts)
 that a stable hash assigns to shard `index` of `count`. An executor decides where the shards run and hands each step
-its shard; the step never reads a global to learn it. Today the only executor is `LocalExecutor`, the shards in turn
-in this process (the CLI runs one shard, the whole input). A scheduler array (one shard per array task, `shard=I/N`)
-or Ray actors are further executors with the same `run`: the steps stay as they are.
+its shard and the `Worker` it runs on; the step never reads a global to learn them. Executors:
 
-The hash is sha256 of the id, not Python's `hash()`, which is salted per process: two processes (or two runs of one
+- `LocalExecutor`: the shards in turn, in this process, on one worker (one engine serves them all). A scheduler
+  array task (`distill generate RECIPE shard=I/N`, e.g. one Slurm array task) is a local executor of one shard.
+- `pipeline.ray_executor.RayExecutor`: the shards on K Ray actors, each a worker that pulls shards until none are
+  left (imported only when a recipe asks for it: Ray's import takes seconds).
+
+The hash is sha256 of the id, not Python's `hash()`, which is salted per process: two processes (or two tasks of one
 array) must agree on which shard owns a problem, or a problem would be answered twice or never.
 """
 
@@ -14,10 +17,20 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
+
+from pydantic import Field, model_validator
+
+from pipeline.config_base import RecipeError, Strict
 
 T = TypeVar("T")
+
+
+def id_hash(key: str) -> int:
+    """The first 8 bytes of sha256(key): the same in every process and on every machine."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
 
 
 @dataclass(frozen=True)
@@ -32,8 +45,11 @@ class Shard:
             raise ValueError(f"shard {self.index} of {self.count}: need count >= 1 and 0 <= index < count")
 
     def owns(self, key: str) -> bool:
-        """Stable across processes and machines: the first 8 bytes of sha256(key), modulo `count`."""
-        return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % self.count == self.index
+        """Stable across processes and machines: `id_hash(key)` modulo `count`."""
+        return self.owns_hash(id_hash(key))
+
+    def owns_hash(self, key_hash: int) -> bool:
+        return key_hash % self.count == self.index
 
     @property
     def label(self) -> str:
@@ -44,19 +60,122 @@ class Shard:
 WHOLE = Shard()  # the one shard of a run that is not split: owns every id
 
 
+class ShardBusy(RuntimeError):
+    """Another process holds the shard's lock: two writers of one shard would answer its problems twice."""
+
+
+class Worker:
+    """What one worker keeps between the shards it runs, so that an engine started for the first shard serves the
+    next ones too. Closed (engines released) when its executor is done with it.
+
+    `engine_in_process`: engines run their scheduler in the worker's own process (vLLM's in-process engine), so a
+    worker killed by its executor leaves no orphan engine process holding memory and cores (a Ray actor).
+    """
+
+    def __init__(self, engine_in_process: bool = False) -> None:
+        self.engine_in_process = engine_in_process
+        self._kept: dict[str, Any] = {}
+        self._stack = ExitStack()
+
+    def keep(self, key: str, start: Callable[[], AbstractContextManager[T]]) -> T:
+        """The resource kept under `key`, started (and entered) by `start()` on first use."""
+        if key not in self._kept:
+            self._kept[key] = self._stack.enter_context(start())
+        return self._kept[key]
+
+    def close(self) -> None:
+        self._kept.clear()
+        self._stack.close()
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+Work = Callable[[Shard, Worker], T]
+
+
 class Executor(Protocol):
     """Runs `work` once per shard of its input and returns the results in shard order."""
 
-    def run(self, work: Callable[[Shard], T]) -> list[T]: ...
+    def run(self, work: Work) -> list[T]: ...
 
 
 class LocalExecutor:
-    """Every shard in turn, in this process: with `shards=1` (the default) one step over the whole input."""
+    """The given shards in turn, in this process, on one worker: by default one shard, the whole input."""
 
-    def __init__(self, shards: int = 1):
-        if shards < 1:
-            raise ValueError(f"LocalExecutor(shards={shards}): need at least one shard")
-        self.shards = [Shard(i, shards) for i in range(shards)]
+    def __init__(self, shards: int | list[Shard] = 1):
+        if isinstance(shards, int):
+            if shards < 1:
+                raise ValueError(f"LocalExecutor(shards={shards}): need at least one shard")
+            shards = [Shard(i, shards) for i in range(shards)]
+        self.shards = list(shards)
 
-    def run(self, work: Callable[[Shard], T]) -> list[T]:
-        return [work(shard) for shard in self.shards]
+    def run(self, work: Work) -> list[T]:
+        with Worker() as worker:
+            return [work(shard, worker) for shard in self.shards]
+
+
+class ExecutorConfig(Strict):
+    """Where a run's shards run; saved in the run's recipe.yaml (without `shard`), so verify runs the same way."""
+
+    type: Literal["local", "ray"] = Field("local", description="local: this process; ray: Ray actors")
+    shards: int | None = Field(
+        None, ge=1, description="problems split into this many shards by id hash; default 1 (ray: 4 per worker)"
+    )
+    shard: int | None = Field(
+        None, ge=0, description="do only this shard (a scheduler array task: shard=I/N sets shard and shards)"
+    )
+    workers: int = Field(1, ge=1, description="ray: actors, each with its own engine")
+    address: str | None = Field(None, description="ray: address of an existing cluster; default: start a local one")
+    cpus_per_worker: float = Field(1, gt=0, description="ray: CPUs each actor reserves")
+    gpus_per_worker: float | None = Field(
+        None, ge=0, description="ray: GPUs per actor; default: teacher.tensor_parallel_size on a GPU, else 0"
+    )
+    max_restarts: int = Field(3, ge=0, description="ray: restarts of a dead actor, which resumes its shard")
+
+    @model_validator(mode="after")
+    def _shard_in_range(self) -> ExecutorConfig:
+        if self.shards is None:  # several shards a worker, so a fast worker takes more of them
+            self.shards = 4 * self.workers if self.type == "ray" else 1
+        if self.shard is not None and self.shard >= self.shards:
+            raise ValueError(f"shard {self.shard} of {self.shards}: need 0 <= shard < shards")
+        if self.type == "ray" and self.shard is not None:
+            raise ValueError("executor.shard is one scheduler array task (type local); ray runs every shard")
+        return self
+
+    def shard_list(self) -> list[Shard]:
+        """The shards this process is to run: the one `shard`, or all of them."""
+        if self.shard is not None:
+            return [Shard(self.shard, self.shards)]
+        return [Shard(i, self.shards) for i in range(self.shards)]
+
+
+def parse_shard_override(value: str) -> list[str]:
+    """`shard=I/N` on the command line (Slurm: shard=$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT) as the two
+    recipe overrides it stands for."""
+    index, sep, count = value.partition("/")
+    if not (sep and index.strip().isdigit() and count.strip().isdigit()):
+        raise RecipeError(f"shard={value}: expected shard=I/N with 0 <= I < N, e.g. shard=0/4")
+    if not int(index) < int(count):
+        raise RecipeError(f"shard={value}: need 0 <= I < N")
+    return [f"executor.shard={int(index)}", f"executor.shards={int(count)}"]
+
+
+def make_executor(cfg: ExecutorConfig, gpus_per_worker: float = 0) -> Executor:
+    """The executor a recipe's `executor:` section names; `gpus_per_worker`: the default when it names none."""
+    if cfg.type == "ray":
+        from pipeline.ray_executor import RayExecutor
+
+        gpus = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else gpus_per_worker
+        return RayExecutor(
+            cfg.shard_list(),
+            workers=cfg.workers,
+            address=cfg.address,
+            cpus_per_worker=cfg.cpus_per_worker,
+            gpus_per_worker=gpus,
+            max_restarts=cfg.max_restarts,
+        )
+    return LocalExecutor(cfg.shard_list())

@@ -123,6 +123,17 @@ class Col:
 
 
 # One row per completion, kept or not. Provenance columns make rows of different settings distinguishable.
+# What a raw row stores of its problem: an edited problem that kept its id has another digest of these.
+CONTENT_COLUMNS = (Col.DOMAIN, Col.PROMPT, Col.REFERENCE, Col.METADATA)
+
+
+def content_digest(domain: str, prompt: str, reference: str, metadata_json: str) -> str:
+    """The digest of a problem's content as a raw row stores it (`CONTENT_COLUMNS`, metadata as its JSON text);
+    computed for every problem of a resumed run, so a plain sha256 of the fields, not a JSON fingerprint."""
+    text = "\x1f".join(str(v) for v in (domain, prompt, reference, metadata_json))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 RAW_SCHEMA = pa.schema(
     [
         (Col.PROBLEM_ID, pa.string()),

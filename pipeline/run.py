@@ -138,17 +138,17 @@ def _generate_inputs(recipe: RunRecipe) -> dict[str, Any]:
     """What the teacher's rows depend on, resolved: the problems' content (an edited file row keeps its id), the
     template texts, and the teacher's revision (retrained weights keep their folder and config.json)."""
     from pipeline.generate.render import Renderer
-    from pipeline.generate.sources import load_problems, problems_digest
+    from pipeline.generate.sources import problems_digest, stream_problems
     from pipeline.generate.teacher.base import logprobs_mode
     from pipeline.models import resolve_model
 
-    problems, _ = load_problems(recipe.sources, Path(recipe.base_dir))
+    problems = stream_problems(recipe.sources, Path(recipe.base_dir), rejects=[])
     renderer = Renderer(recipe.templates, recipe.system_prompt, Path(recipe.base_dir))
     teacher = resolve_model(recipe.teacher.model, recipe.teacher.revision)
     return {
         "sources": [s.model_dump(mode="json") for s in recipe.sources],
         "problems": problems_digest(problems),
-        "templates": renderer.templates_hash({p.domain for p in problems}),
+        "templates": renderer.templates_hash(),
         "sampling": recipe.sampling.model_dump(),
         # What the teacher is, not how it is served: more concurrency must not retrain the student.
         "teacher": {"model": recipe.teacher.model, "revision": teacher.revision},

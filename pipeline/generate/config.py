@@ -11,9 +11,10 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_serializer, model_validator
+from pydantic import Field, SecretStr, field_serializer, field_validator, model_validator
 
 from pipeline.config_base import RecipeError, Strict
+from pipeline.executor import ExecutorConfig
 
 
 class FileSource(Strict):
@@ -73,7 +74,13 @@ class SamplingConfig(Strict):
     temperature: float = Field(0.6, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     max_tokens: int = Field(2048, ge=1, description="generated tokens per completion")
-    logprobs: int = Field(5, ge=0, le=20, description="top-k logprobs per token used for the entropy summary; 0: off")
+    logprobs: int = Field(
+        5,
+        ge=0,
+        le=20,
+        description="top-k logprobs per token used for the entropy summary; 0: off. Unset in a recipe whose "
+        "build.weighting is uniform: 0, since only the sample weightings read the entropy",
+    )
     seed: int | None = Field(
         None,
         description="vllm/vllm-server: the engine's seed; openai: sent with each request. Engines we start get no "
@@ -90,6 +97,28 @@ class EndpointConfig(Strict):
 
     url: str = Field(description="base URL, e.g. http://host:8000/v1")
     api_key_env: str = Field(description="environment variable holding this endpoint's key; it must be set")
+
+
+# vllm.LLM keywords set from the recipe's named fields or fixed by the pipeline; engine_kwargs may not hold them.
+ENGINE_KWARGS_OWNED = {
+    **{
+        name: f"set teacher.{name} instead"
+        for name in (
+            "model",
+            "dtype",
+            "max_model_len",
+            "max_num_seqs",
+            "enforce_eager",
+            "gpu_memory_utilization",
+            "tensor_parallel_size",
+            "pipeline_parallel_size",
+            "reasoning_parser",
+        )
+    },
+    "seed": "set sampling.seed instead",
+    "logprobs_mode": "the pipeline fixes it to processed_logprobs (entropy of the distribution sampled from)",
+    "max_logprobs": "the pipeline fixes it to 20, the bound of sampling.logprobs",
+}
 
 
 class TeacherConfig(Strict):
@@ -115,10 +144,33 @@ class TeacherConfig(Strict):
         None, gt=0, description="per request; default: from max_tokens at a floor of 1 token/s per sequence"
     )
     max_retries: int = Field(8, ge=0, description="retries of one request on 408/429/5xx/timeouts/resets")
-    dtype: str = Field("float32", description="vllm: weights dtype (float32 is fastest on CPU)")
+    dtype: str = Field(
+        "auto",
+        description="vllm: weights dtype; auto: float32 on CPU (fastest there), vLLM's auto (the model's "
+        "bf16/fp16) on a GPU",
+    )
     max_model_len: int = Field(4096, ge=128, description="vllm: context length")
     max_num_seqs: int = Field(64, ge=1, description="vllm: sequences batched at once")
-    enforce_eager: bool = Field(True, description="vllm: skip graph capture (start-up 60 s instead of 200 s on CPU)")
+    enforce_eager: bool | None = Field(
+        None,
+        description="vllm: skip graph capture; default: on on CPU (start-up 60 s instead of 200 s), off on a GPU "
+        "(CUDA graphs)",
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vllm: share of each GPU's memory the engine takes (weights + KV cache); GPU only"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one model's layers are split across")
+    pipeline_parallel_size: int = Field(1, ge=1, description="vllm: pipeline stages (nodes or GPU groups) per model")
+    reasoning_parser: str | None = Field(
+        None,
+        description="vllm-server: --reasoning-parser (e.g. deepseek_r1), so the server returns the reasoning apart; "
+        "vllm: not passed (the offline engine uses it only for structured outputs); we split <think> blocks ourselves",
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vllm: any other vllm.LLM keyword, passed through (vllm-server: as --kebab-case arguments), e.g. "
+        "enable_prefix_caching: true",
+    )
     reproducible: bool = Field(
         False,
         description="vllm: run the engine's scheduler in this process, so that the same seed and requests give the "
@@ -133,6 +185,16 @@ class TeacherConfig(Strict):
         if self.backend == "openai" and not self.endpoints:
             raise ValueError("backend 'openai' needs at least one URL in teacher.endpoints")
         return self
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _no_second_way_to_set_a_field(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """One setting, one place: a keyword we set from a named field (or must fix) is refused, not overridden."""
+        kwargs = {key.replace("-", "_"): value for key, value in kwargs.items()}
+        for key in kwargs:
+            if key in ENGINE_KWARGS_OWNED:
+                raise ValueError(f"engine_kwargs.{key} cannot be set here: {ENGINE_KWARGS_OWNED[key]}")
+        return kwargs
 
     @field_serializer("api_key", when_used="json")
     def _never_save_the_key(self, key: SecretStr | None) -> None:
@@ -176,6 +238,7 @@ class GenerateConfig(Strict):
     sampling: SamplingConfig = SamplingConfig()
     teacher: TeacherConfig = TeacherConfig()
     output: OutputConfig = OutputConfig()
+    executor: ExecutorConfig = ExecutorConfig()
     base_dir: str = Field(".", description="folder that relative source paths resolve against (set on load)")
 
     @property

@@ -10,7 +10,8 @@ from rich.table import Table
 
 
 class GenerationProgress:
-    def __init__(self, total: int, already_done: int, quiet: bool):
+    def __init__(self, total: int | None, already_done: int, quiet: bool):
+        """`total` None: not known before the end (the sources are streamed)."""
         self.quiet = quiet
         self.console = Console(stderr=True)
         self.started = time.monotonic()

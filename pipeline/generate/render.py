@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jinja2
 
-from pipeline.records import Problem, fingerprint
+from pipeline.records import DOMAINS, Problem, fingerprint
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
 
@@ -60,6 +60,13 @@ class Renderer:
         system = [{"role": "system", "content": self._system_prompt}] if self._system_prompt else []
         return [*system, {"role": "user", "content": user}]
 
-    def templates_hash(self, domains: set[str]) -> str:
-        """One hash over the templates of the domains a run uses (and the system prompt)."""
-        return fingerprint({d: self.template(d).hash for d in sorted(domains)} | {"system": self._system_prompt})
+    def templates_hash(self) -> str:
+        """One hash over the system prompt and the template of every domain that has one: known before the first
+        problem is read (problems are streamed), so the run's fingerprint is checked before any is sent."""
+        hashes = {}
+        for domain in DOMAINS:
+            try:
+                hashes[domain] = self.template(domain).hash
+            except FileNotFoundError:  # a domain without a template stops the run when a problem of it comes
+                continue
+        return fingerprint(hashes | {"system": self._system_prompt})

@@ -15,14 +15,14 @@ import difflib
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.executor import WHOLE, Shard, id_hash
 from pipeline.generate.config import FileSource, GymSource, HFSource, HumanEvalSource, SourceConfig
-from pipeline.parts import closed_parts
-from pipeline.records import DOMAINS, Problem, fingerprint, stable_id
+from pipeline.records import DOMAINS, Problem, content_digest, fingerprint, stable_id
 
 FIELDS = ("id", "prompt", "reference", "domain")
 MAX_ROW_CHARS = 2000
@@ -39,9 +39,10 @@ class Reject:
     row: str
 
 
-# Readers yield (line or row number, raw text, Problem or reject reason); _items prefixes the file label.
-Row = tuple[int, str, "Problem | str"]
-Item = tuple[str, int, str, "Problem | str"]
+# Readers yield (line or row number, the raw row, Problem or reject reason); _items prefixes the file label. The raw
+# row (a line's bytes, or the row as read) is turned into text only for a reject: a million rows pay nothing for it.
+Row = tuple[int, Any, "Problem | str"]
+Item = tuple[str, int, Any, "Problem | str"]
 
 
 def _jsonable(value: Any) -> Any:
@@ -94,6 +95,8 @@ def _map_row(source: FileSource | HFSource, name: str, row: Any) -> Problem | st
 
 def _raw(row: Any) -> str:
     """The row as text for a Reject, so a reader can see what was wrong without opening the file."""
+    if isinstance(row, bytes):
+        return row.decode("utf-8", errors="replace").rstrip("\r\n")
     return json.dumps(row, default=str, ensure_ascii=False)
 
 
@@ -102,18 +105,17 @@ def _file_items(source: FileSource, name: str, path: Path) -> Iterator[Row]:
     if suffix in (".jsonl", ".json"):
         with path.open("rb") as f:  # bytes, so one badly encoded line is a Reject, not a crash of the file
             for n, data in enumerate(f, 1):
-                text = data.decode("utf-8", errors="replace").rstrip("\r\n")
-                if not text.strip():
+                if not data.strip():
                     continue
                 try:
                     row = json.loads(data.decode("utf-8"))
                 except UnicodeDecodeError as e:
-                    yield n, text, f"invalid UTF-8: {e}"
+                    yield n, data, f"invalid UTF-8: {e}"
                     continue
                 except json.JSONDecodeError as e:
-                    yield n, text, f"invalid JSON: {e}"
+                    yield n, data, f"invalid JSON: {e}"
                     continue
-                yield n, text, _map_row(source, name, row)
+                yield n, data, _map_row(source, name, row)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -121,7 +123,7 @@ def _file_items(source: FileSource, name: str, path: Path) -> Iterator[Row]:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
             for row in batch.to_pylist():
                 n += 1
-                yield n, _raw(row), _map_row(source, name, row)
+                yield n, row, _map_row(source, name, row)
     else:
         raise ValueError(f"source {source.path!r}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
 
@@ -147,7 +149,7 @@ def _hf_items(source: HFSource, name: str, path: Path) -> Iterator[Row]:
             raise ValueError(f"source {source.path!r}: no split {source.split!r}; splits: {', '.join(ds)}")
         ds = ds[source.split]
     for n, row in enumerate(ds, 1):
-        yield n, _raw(row), _map_row(source, name, row)
+        yield n, row, _map_row(source, name, row)
 
 
 def _gym_items(source: GymSource) -> Iterator[Item]:
@@ -176,7 +178,7 @@ def _gym_items(source: GymSource) -> Iterator[Item]:
             yield (
                 f"reasoning_gym:{task}",
                 i + 1,
-                _raw(entry),
+                entry,
                 Problem(
                     id=f"{source.name}-{task}-{source.seed}-{i}-{digest}",
                     source=source.name,
@@ -198,7 +200,7 @@ def _humaneval_items(source: HumanEvalSource) -> Iterator[Item]:
         yield (
             "humaneval",
             n,
-            _raw(problem),
+            problem,
             Problem(
                 id=problem["task_id"],
                 source=source.name,
@@ -223,67 +225,68 @@ def _items(source: SourceConfig, base_dir: Path) -> tuple[str, Iterator[Item]]:
 
 
 def iter_problems(
-    source: SourceConfig, base_dir: Path, rejects: list[Reject], seen: dict[str, tuple[str, int]] | None = None
+    source: SourceConfig,
+    base_dir: Path,
+    rejects: list[Reject],
+    seen: dict[int, tuple[str, int] | None] | None = None,
+    shard: Shard = WHOLE,
 ) -> Iterator[Problem]:
-    """Valid problems of one source in file order; bad rows go to `rejects` instead of stopping the run.
+    """Valid problems of one source that `shard` owns, in file order; bad rows go to `rejects` (those `shard` owns:
+    by problem id, or for a row without one by its file and line) instead of stopping the run.
 
-    `seen` (id -> (file, line)) is shared by `load_problems` so ids stay unique across sources; duplicates are
-    rejected before `limit` counts, so a limit of N gives N distinct problems.
+    `seen` (id hash -> where the id was first seen, for the ids `shard` owns) is shared by `stream_problems` so ids
+    stay unique across sources; it holds every id, not only the shard's, since a duplicate must not count towards
+    `limit` in any shard. Duplicates are rejected before `limit` counts, so a limit of N gives N distinct problems.
     """
     seen = {} if seen is None else seen
     limit = getattr(source, "limit", None)
     kept = 0
     name, items = _items(source, base_dir)
     for file, line, raw, result in items:
-        if isinstance(result, Problem) and result.id in seen:
-            first_file, first_line = seen[result.id]
+        key = id_hash(result.id if isinstance(result, Problem) else f"{file}:{line}")
+        mine = shard.owns_hash(key)
+        if isinstance(result, Problem) and key in seen:
+            first_file, first_line = seen[key] or (file, 0)
             where = f"line {first_line}" if first_file == file else f"{first_file} line {first_line}"
             result = f"duplicate id {result.id} (first at {where})"
         if isinstance(result, str):
-            rejects.append(Reject(name, file, line, result, raw[:MAX_ROW_CHARS]))
+            if mine:
+                rejects.append(Reject(name, file, line, result, _raw(raw)[:MAX_ROW_CHARS]))
             continue
-        seen[result.id] = (file, line)
-        yield result
+        seen[key] = (file, line) if mine else None
+        if mine:
+            yield result
         kept += 1
         if limit is not None and kept >= limit:
             return
 
 
-def load_problems(sources: list[SourceConfig], base_dir: Path) -> tuple[list[Problem], list[Reject]]:
-    """All problems of a recipe, ids unique across sources, plus every row that was left out."""
-    problems: list[Problem] = []
-    rejects: list[Reject] = []
-    seen: dict[str, tuple[str, int]] = {}
+def stream_problems(
+    sources: list[SourceConfig], base_dir: Path, rejects: list[Reject], shard: Shard = WHOLE
+) -> Iterator[Problem]:
+    """The problems of a recipe that `shard` owns, read and yielded one at a time (memory does not grow with the
+    problems beyond one small entry per id), ids unique across sources; rows left out go to `rejects`."""
+    seen: dict[int, tuple[str, int] | None] = {}
     for source in sources:
-        problems.extend(iter_problems(source, Path(base_dir), rejects, seen))
-    return problems, rejects
+        yield from iter_problems(source, Path(base_dir), rejects, seen, shard)
 
 
-def _content(problem: Problem) -> tuple[str, str, str, str]:
-    """What the teacher is asked and what it is judged against, as a raw row stores it."""
-    return problem.domain, problem.prompt, problem.reference, json.dumps(problem.metadata, default=str)
+def load_problems(sources: list[SourceConfig], base_dir: Path) -> tuple[list[Problem], list[Reject]]:
+    """All problems of a recipe in a list, ids unique across sources, plus every row that was left out."""
+    rejects: list[Reject] = []
+    return list(stream_problems(sources, base_dir, rejects)), rejects
 
 
-def problems_digest(problems: list[Problem]) -> str:
+def problem_digest(problem: Problem) -> str:
+    """The content digest of a problem as its raw rows record it (`records.content_digest`)."""
+    metadata = json.dumps(problem.metadata, default=str) if problem.metadata else "{}"
+    return content_digest(problem.domain, problem.prompt, problem.reference, metadata)
+
+
+def problems_digest(problems: Iterable[Problem]) -> str:
     """One hash over every problem's id and content: a row edited under the same id changes it, as does a source's
     config, a new row or a removed one. Streamed into the hash, so a million problems cost no extra memory."""
     digest = hashlib.sha256()
     for problem in problems:
-        digest.update(json.dumps([problem.id, *_content(problem)]).encode() + b"\n")
+        digest.update(json.dumps([problem.id, problem_digest(problem)]).encode() + b"\n")
     return digest.hexdigest()[:16]
-
-
-def changed_problems(raw_dir: Path, problems: list[Problem]) -> list[str]:
-    """Ids of `problems` whose rows in the closed raw parts were generated for another content (an edited row that
-    kept its id): resuming would answer the new problem with the old rows."""
-    import pyarrow.parquet as pq
-
-    current = {p.id: _content(p) for p in problems}
-    changed: dict[str, None] = {}
-    columns = ["problem_id", "domain", "prompt", "reference", "metadata"]
-    for part in closed_parts(raw_dir):
-        for row in pq.read_table(part, columns=columns).to_pylist():
-            stored = (row["domain"], row["prompt"], row["reference"], row["metadata"])
-            if row["problem_id"] in current and stored != current[row["problem_id"]]:
-                changed[row["problem_id"]] = None
-    return list(changed)

@@ -14,42 +14,48 @@ rows of two settings.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from functools import partial
+from itertools import chain
 from pathlib import Path
 
 import yaml
 
 from pipeline.config_base import RecipeError
-from pipeline.executor import Executor, LocalExecutor, Shard
-from pipeline.generate.config import GenerateConfig
+from pipeline.executor import Executor, Shard, Worker, make_executor
+from pipeline.generate.config import GenerateConfig, TeacherConfig
 from pipeline.generate.progress import GenerationProgress
 from pipeline.generate.render import Renderer
-from pipeline.generate.sources import changed_problems, load_problems
+from pipeline.generate.sources import Reject, problem_digest, stream_problems
 from pipeline.generate.teacher.base import Teacher, TeacherRequest, TeacherResult, logprobs_mode
 from pipeline.models import ResolvedModel, resolve_model
 from pipeline.parts import (
     TOO_LONG_DIR,
     TOO_LONG_SCHEMA,
     PartWriter,
-    RunLock,
+    ShardLock,
+    read_index,
     read_ledger,
+    run_lock,
     update_stats,
     write_atomic_bytes,
 )
 from pipeline.records import THINK_CLOSE, THINK_OPEN, Problem, fingerprint, split_reasoning
 
 
-def make_teacher(recipe: GenerateConfig, model: ResolvedModel) -> Teacher:
+def make_teacher(recipe: GenerateConfig, model: ResolvedModel, in_process: bool | None = None) -> Teacher:
+    """The recipe's teacher backend; `in_process` (vllm): the engine's scheduler in this process (see Worker)."""
     cfg = recipe.teacher
     if cfg.backend == "vllm":
         from pipeline.generate.teacher.vllm_engine import VLLMEngineTeacher
 
-        return VLLMEngineTeacher(model, cfg, seed=recipe.sampling.seed)
+        return VLLMEngineTeacher(model, cfg, seed=recipe.sampling.seed, in_process=in_process or None)
     if cfg.backend == "vllm-server":
         from pipeline.generate.teacher.vllm_server import VLLMServerTeacher
 
@@ -57,6 +63,15 @@ def make_teacher(recipe: GenerateConfig, model: ResolvedModel) -> Teacher:
     from pipeline.generate.teacher.openai_client import OpenAITeacher
 
     return OpenAITeacher(cfg, served_model=model.name)
+
+
+def default_gpus_per_worker(teacher: TeacherConfig) -> float:
+    """An in-process engine's GPUs (its tensor x pipeline parallel size) on a machine with GPUs; else none: a
+    server or an endpoint holds its own. A driver without GPUs in front of a GPU cluster sets executor.gpus_per_worker.
+    """
+    if teacher.backend != "vllm" or not shutil.which("nvidia-smi"):
+        return 0
+    return teacher.tensor_parallel_size * teacher.pipeline_parallel_size
 
 
 def _check_fingerprint(run_dir: Path, settings: dict) -> str:
@@ -122,106 +137,124 @@ def _too_long_row(problem: Problem, result: TeacherResult, config_hash: str) -> 
 
 @dataclass(frozen=True)
 class PreparedRun:
-    """What every shard of one run shares, prepared once under the run lock before any shard starts: the problems
-    and their rendering, the teacher model, the run's fingerprint, and what its ledgers already hold."""
+    """What every shard of one run shares, prepared once before any shard starts (small, so that it travels to
+    workers on other machines): the recipe with absolute paths, the teacher model and the run's fingerprint."""
 
     recipe: GenerateConfig
-    problems: list[Problem]
-    rejected_rows: int  # source rows that made no problem (RUN/rejects.jsonl)
-    renderer: Renderer
     model: ResolvedModel
     logprobs_mode: str
     config_hash: str
-    done: frozenset[str]  # problem ids in closed raw parts
-    too_long_before: frozenset[str]  # problems the teacher refused as too long for its context: never sent again
 
 
 @dataclass
 class ShardResult:
     """One shard's counts; `generate` adds them up into the run's stats."""
 
+    label: str
     problems: int
     resumed: int
     complete: int
     too_long_total: int
+    rejected_rows: int
     counts: Counter[str]
     failures: list[dict]
     retries: dict[str, int]
     parts_written: int
-    generation_s: float
+    generation_started: float | None  # wall clock (time.time) of its first request; None: nothing to generate
+    generation_ended: float
     engine: str
 
 
+def _absolute(recipe: GenerateConfig) -> GenerateConfig:
+    """Paths that mean the same to a worker in another folder or on another host (Ray starts its workers elsewhere)."""
+    output = recipe.output.model_copy(update={"runs_dir": str(Path(recipe.output.runs_dir).resolve())})
+    return recipe.model_copy(update={"output": output, "base_dir": str(Path(recipe.base_dir).resolve())})
+
+
 def prepare_run(recipe: GenerateConfig) -> PreparedRun:
-    """Load and check the run's inputs; refuses (RecipeError) a resume whose settings or problems changed."""
+    """Check the run's settings against its folder (refuses, RecipeError, a resume with other ones) and save them;
+    under the run lock, since every shard process of the run does this when it starts."""
+    recipe = _absolute(recipe)
     run_dir = recipe.run_dir
-    problems, rejects = load_problems(recipe.sources, Path(recipe.base_dir))
-    write_atomic_bytes(run_dir / "rejects.jsonl", "".join(json.dumps(asdict(r)) + "\n" for r in rejects).encode())
+    run_dir.mkdir(parents=True, exist_ok=True)
     renderer = Renderer(recipe.templates, recipe.system_prompt, Path(recipe.base_dir))
     model = resolve_model(recipe.teacher.model, recipe.teacher.revision)
     entropy_from = logprobs_mode(recipe.teacher.backend)
     settings = {
         "teacher": model.name,
         "teacher_revision": model.revision,
-        "templates_hash": renderer.templates_hash({p.domain for p in problems}),
+        "templates_hash": renderer.templates_hash(),
         "sampling": recipe.sampling.model_dump(),
     }
     if recipe.sampling.logprobs:  # rows whose entropies come from two distributions must not mix
         settings["logprobs_mode"] = entropy_from
-    config_hash = _check_fingerprint(run_dir, settings)
-    resolved = recipe.model_dump(mode="json") | {"base_dir": str(Path(recipe.base_dir).resolve())}
-    write_atomic_bytes(run_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
-    done = read_ledger(run_dir / "raw")
-    changed = changed_problems(run_dir / "raw", [p for p in problems if p.id in done])
-    if changed:  # an edited row that kept its id: its old rows answer another problem
-        raise RecipeError(
-            f"run {run_dir}: problem(s) {', '.join(changed[:10])} changed since they were generated (same id, "
-            "other prompt, reference, domain or metadata); use a new run name or delete the folder"
-        )
-    too_long_before = read_ledger(run_dir / TOO_LONG_DIR)
-    return PreparedRun(
-        recipe=recipe,
-        problems=problems,
-        rejected_rows=len(rejects),
-        renderer=renderer,
-        model=model,
-        logprobs_mode=entropy_from,
-        config_hash=config_hash,
-        done=frozenset(done),
-        too_long_before=frozenset(too_long_before),
-    )
+    # Saved without `executor.shard`: one array task's shard is not the run's, and verify reads this recipe.
+    resolved = recipe.model_dump(mode="json", exclude={"executor": {"shard"}})
+    with run_lock(run_dir):
+        config_hash = _check_fingerprint(run_dir, settings)
+        write_atomic_bytes(run_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
+    return PreparedRun(recipe=recipe, model=model, logprobs_mode=entropy_from, config_hash=config_hash)
 
 
-def generate_shard(run: PreparedRun, shard: Shard, quiet: bool = False, teacher: Teacher | None = None) -> ShardResult:
+def _rejects_path(run_dir: Path, shard: Shard) -> Path:
+    return run_dir / ("rejects.jsonl" if shard.count == 1 else f"rejects-{shard.label}.jsonl")
+
+
+def generate_shard(
+    run: PreparedRun, shard: Shard, worker: Worker, quiet: bool = False, teacher: Teacher | None = None
+) -> ShardResult:
     """The problems `shard` owns that no closed part holds yet -> the teacher -> raw parts named for the shard.
 
-    Starts its own teacher when it has work and none is given (as a worker elsewhere would), none when it has none.
+    Holds the shard's lock throughout (`ShardBusy` if another process has it). Problems are streamed from the
+    sources and rendered as they are sent, so memory holds the shard's ledger and the requests in flight, not the
+    problems. The teacher is `teacher`, or the worker's (started on the first shard that has work, kept for the next).
     """
     recipe, run_dir = run.recipe, run.recipe.run_dir
-    problems = [p for p in run.problems if shard.owns(p.id)]
-    todo = [p for p in problems if p.id not in run.done and p.id not in run.too_long_before]
-    by_id = {p.id: p for p in todo}
-    messages = {p.id: run.renderer.messages(p) for p in todo}
-    sampling = recipe.sampling.model_dump()
-    counts: Counter[str] = Counter()
-    failures: list[dict] = []
     with ExitStack() as stack:
-        if teacher is None and todo:  # a finished run re-run starts no engine at all
-            teacher = stack.enter_context(make_teacher(recipe, run.model))
-        generation_started = time.monotonic()  # throughput excludes engine start-up
-        progress = stack.enter_context(GenerationProgress(len(problems), len(problems) - len(todo), quiet))
+        stack.enter_context(ShardLock(run_dir, shard))
+        done = read_index(run_dir / "raw", shard)  # problem id -> content digest
+        too_long_before = read_ledger(run_dir / TOO_LONG_DIR, shard)
+        renderer = Renderer(recipe.templates, recipe.system_prompt, Path(recipe.base_dir))
+        rejects: list[Reject] = []
+        seen = Counter()
+        in_flight: dict[str, tuple[Problem, list[dict]]] = {}
+
+        def requests() -> Iterator[TeacherRequest]:
+            for problem in stream_problems(recipe.sources, Path(recipe.base_dir), rejects, shard):
+                seen["problems"] += 1
+                if problem.id in done:
+                    seen["resumed"] += 1
+                    stored = done[problem.id]
+                    if stored is not None and stored != problem_digest(problem):
+                        # an edited row that kept its id: its old rows answer another problem
+                        raise RecipeError(
+                            f"run {run_dir}: problem {problem.id} changed since it was generated (same id, other "
+                            "prompt, reference, domain or metadata); use a new run name or delete the folder"
+                        )
+                    continue
+                if problem.id in too_long_before:
+                    seen["resumed"] += 1
+                    continue
+                messages = renderer.messages(problem)
+                in_flight[problem.id] = (problem, messages)
+                yield TeacherRequest(problem.id, messages)
+
+        pending = requests()
+        first = next(pending, None)
+        if first is not None and teacher is None:  # a finished shard starts no engine at all
+            in_process = worker.engine_in_process
+            teacher = worker.keep(f"teacher:{run.config_hash}", partial(make_teacher, recipe, run.model, in_process))
+        generation_started = time.time() if first is not None else None  # throughput excludes engine start-up
+        progress = stack.enter_context(GenerationProgress(None, len(done) + len(too_long_before), quiet))
         writer = stack.enter_context(
             PartWriter(run_dir / "raw", recipe.output.part_rows, recipe.output.part_seconds, shard=shard)
         )
         too_long = stack.enter_context(
             PartWriter(
-                run_dir / TOO_LONG_DIR,
-                recipe.output.part_rows,
-                recipe.output.part_seconds,
-                TOO_LONG_SCHEMA,
-                shard=shard,
+                run_dir / TOO_LONG_DIR, recipe.output.part_rows, recipe.output.part_seconds, TOO_LONG_SCHEMA, shard
             )
         )
+        sampling = recipe.sampling.model_dump()
         provenance = {
             "teacher": run.model.name,
             "teacher_revision": run.model.revision,
@@ -233,32 +266,41 @@ def generate_shard(run: PreparedRun, shard: Shard, quiet: bool = False, teacher:
             "entropy_top_k": recipe.sampling.logprobs or None,
             "config_hash": run.config_hash,
         }
-        requests = (TeacherRequest(p.id, messages[p.id]) for p in todo)
-        for result in teacher.generate(requests, recipe.sampling) if teacher else ():
-            problem = by_id[result.key]
+        counts: Counter[str] = Counter()
+        failures: list[dict] = []
+        retries_before = Counter(teacher.counters) if teacher else Counter()
+        for result in teacher.generate(chain([first], pending), recipe.sampling) if first is not None else ():
+            problem, messages = in_flight.pop(result.key)
             if result.error_kind:
                 counts[result.error_kind] += 1
                 failures.append({"problem_id": problem.id, "kind": result.error_kind, "error": result.error})
                 if result.error_kind == "rejected_too_long":
                     too_long.add([_too_long_row(problem, result, run.config_hash)])
                 continue
-            template_hash = run.renderer.template(problem.domain).hash
-            rows = _rows(problem, messages[problem.id], result, provenance | {"template_hash": template_hash})
+            template_hash = renderer.template(problem.domain).hash
+            rows = _rows(problem, messages, result, provenance | {"template_hash": template_hash})
             writer.add(rows)
             tokens = sum(r["completion_tokens"] or 0 for r in rows)
             counts.update(answered=1, completions=len(rows), completion_tokens=tokens)
             progress.advance(len(rows), tokens)
-        generation_s = time.monotonic() - generation_started
+        generation_ended = time.time()
+        rejects_text = "".join(json.dumps(asdict(r)) + "\n" for r in rejects)
+        write_atomic_bytes(_rejects_path(run_dir, shard), rejects_text.encode())
+    retries = Counter(teacher.counters) if teacher else Counter()
+    retries.subtract(retries_before)  # a worker's teacher counts over every shard it served: this shard's share
     return ShardResult(
-        problems=len(problems),
-        resumed=len(problems) - len(todo),
-        complete=sum(shard.owns(i) for i in run.done) + counts["answered"],  # answered ones were not in the ledger
-        too_long_total=counts["rejected_too_long"] + sum(p.id in run.too_long_before for p in problems),
+        label=shard.label,
+        problems=seen["problems"],
+        resumed=seen["resumed"],
+        complete=len(done) + counts["answered"],  # answered ones were not in the ledger
+        too_long_total=counts["rejected_too_long"] + len(too_long_before),
+        rejected_rows=len(rejects),
         counts=counts,
         failures=failures,
-        retries=dict(teacher.counters) if teacher else {},
+        retries=dict(retries),
         parts_written=writer.parts_written,
-        generation_s=generation_s,
+        generation_started=generation_started,
+        generation_ended=generation_ended,
         engine=provenance["engine"],
     )
 
@@ -266,46 +308,47 @@ def generate_shard(run: PreparedRun, shard: Shard, quiet: bool = False, teacher:
 def generate(
     recipe: GenerateConfig, quiet: bool = False, teacher: Teacher | None = None, executor: Executor | None = None
 ) -> dict:
-    """Run (or resume) one generation run, its shards run by `executor` (default: one shard, the whole run, in this
-    process); returns the stats also written to RUN/stats.json. A `teacher` given is started already and serves
-    every shard."""
+    """Run (or resume) one generation run, its shards run by `executor` (default: the recipe's `executor:` section;
+    with none, one shard, the whole run, in this process); returns the stats also written to RUN/stats.json.
+    A `teacher` given is started already and serves every shard (in this process)."""
     started = time.monotonic()
-    lock = RunLock(recipe.run_dir)
-    try:
-        run = prepare_run(recipe)
-        shards = (executor or LocalExecutor()).run(partial(generate_shard, run, quiet=quiet, teacher=teacher))
-        counts = sum((s.counts for s in shards), Counter())
-        retries: Counter[str] = Counter()  # update, not +: a retry kind counted zero times stays in the stats
-        for s in shards:
-            retries.update(s.retries)
-        generation_s = sum(s.generation_s for s in shards)  # shard after shard: their generation times add up
-        elapsed = time.monotonic() - started
-        stats = {
-            "run": recipe.name,
-            "config_hash": run.config_hash,
-            "teacher": run.model.name,
-            "engine": next((s.engine for s in shards if s.engine), ""),
-            "problems_total": sum(s.problems for s in shards),
-            "problems_resumed": sum(s.resumed for s in shards),
-            "problems_answered": counts["answered"],
-            "problems_complete": sum(s.complete for s in shards),
-            "completions": counts["completions"],
-            "completion_tokens": counts["completion_tokens"],
-            "tokens_per_s": counts["completion_tokens"] / generation_s,
-            "completions_per_s": counts["completions"] / generation_s,
-            "generation_s": generation_s,
-            "elapsed_s": elapsed,
-            "rejected_rows": run.rejected_rows,
-            "rejected_too_long": counts["rejected_too_long"],
-            "rejected_too_long_total": sum(s.too_long_total for s in shards),
-            "infra_errors": counts["infra_error"],
-            "failures": [f for s in shards for f in s.failures],
-            # a shared teacher counts over every shard itself; each shard's own teacher counted only its shard
-            "retries": dict(teacher.counters) if teacher else dict(retries),
-            "parts_written": sum(s.parts_written for s in shards),
-        }
-        update_stats(recipe.run_dir, "generate", stats)
-        GenerationProgress(stats["problems_total"], stats["problems_resumed"], quiet).summary(stats)
-        return stats
-    finally:
-        lock.release()
+    run = prepare_run(recipe)
+    if executor is None:
+        executor = make_executor(recipe.executor, gpus_per_worker=default_gpus_per_worker(recipe.teacher))
+    shards = executor.run(partial(generate_shard, run, quiet=quiet, teacher=teacher))
+    counts = sum((s.counts for s in shards), Counter())
+    retries: Counter[str] = Counter()  # update, not +: a retry kind counted zero times stays in the stats
+    for s in shards:
+        retries.update(s.retries)
+    # Shards may run at once (Ray) or in turn: generation time is from the first request to the last shard's end.
+    starts = [s.generation_started for s in shards if s.generation_started is not None]
+    generation_s = max(s.generation_ended for s in shards) - min(starts) if starts else 0.0
+    stats = {
+        "run": recipe.name,
+        "config_hash": run.config_hash,
+        "teacher": run.model.name,
+        "engine": next((s.engine for s in shards if s.engine), ""),
+        "shards": [s.label for s in shards],
+        "problems_total": sum(s.problems for s in shards),
+        "problems_resumed": sum(s.resumed for s in shards),
+        "problems_answered": counts["answered"],
+        "problems_complete": sum(s.complete for s in shards),
+        "completions": counts["completions"],
+        "completion_tokens": counts["completion_tokens"],
+        "tokens_per_s": counts["completion_tokens"] / generation_s if generation_s else 0.0,
+        "completions_per_s": counts["completions"] / generation_s if generation_s else 0.0,
+        "generation_s": generation_s,
+        "elapsed_s": time.monotonic() - started,
+        "rejected_rows": sum(s.rejected_rows for s in shards),
+        "rejected_too_long": counts["rejected_too_long"],
+        "rejected_too_long_total": sum(s.too_long_total for s in shards),
+        "infra_errors": counts["infra_error"],
+        "failures": [f for s in shards for f in s.failures],
+        "retries": dict(retries),
+        "parts_written": sum(s.parts_written for s in shards),
+    }
+    # One section for the run as this command ran it; a scheduler array's tasks each run one shard, so it is the
+    # section of the last task to finish: `distill generate RECIPE --status` tells the state of every shard.
+    update_stats(recipe.run_dir, "generate", stats)
+    GenerationProgress(stats["problems_total"], stats["problems_resumed"], quiet).summary(stats)
+    return stats

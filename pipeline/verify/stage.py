@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.executor import Executor, LocalExecutor, Shard
+from pipeline.executor import Executor, LocalExecutor, Shard, Worker
 from pipeline.parts import shard_parts, update_stats, write_atomic_bytes, write_table_atomic
 from pipeline.records import (
     DATA_FAULT,
@@ -164,8 +164,9 @@ class ShardVerdicts:
     rows: list[dict]
 
 
-def verify_shard(run_dir: Path, cfg: VerifyConfig, shard: Shard, quiet: bool = False) -> ShardVerdicts:
-    """The raw parts `shard` owns -> verified parts of the same names, skipping those verified with these settings."""
+def verify_shard(run_dir: Path, cfg: VerifyConfig, shard: Shard, worker: Worker, quiet: bool = False) -> ShardVerdicts:
+    """The raw parts `shard` owns -> verified parts of the same names, skipping those verified with these settings.
+    The verifiers (their sandboxes and worker pools) are the worker's: started once, they serve its next shards."""
     vhash = verify_hash(cfg)
     raw_parts = shard_parts(run_dir / "raw", shard)
     out_dir = run_dir / "verified"
@@ -173,7 +174,10 @@ def verify_shard(run_dir: Path, cfg: VerifyConfig, shard: Shard, quiet: bool = F
     todo = [p for p in raw_parts if _needs_verify(p, out_dir / p.name, vhash)]
     total = sum(pq.read_metadata(p).num_rows for p in todo)
     verified: list[dict] = []
-    with VerifierSet(cfg) as verifiers, _progress(total, quiet) as progress:
+    if not todo:
+        return ShardVerdicts(raw_parts, 0, [])
+    verifiers = worker.keep(f"verifiers:{vhash}", partial(VerifierSet, cfg))
+    with _progress(total, quiet) as progress:
         for part in todo:
             rows = verify_rows(pq.read_table(part).to_pylist(), verifiers, cfg, vhash)
             write_table_atomic(pa.Table.from_pylist(rows, schema=VERIFIED_SCHEMA), out_dir / part.name)

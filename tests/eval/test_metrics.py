@@ -1,6 +1,8 @@
 """pass@1, cons@k and their standard errors on fixed verdicts, against numbers worked out by hand."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +83,19 @@ def test_a_problem_without_a_scored_sample_counts_as_failed_in_every_score():
     assert score.stderr == pytest.approx(math.sqrt((0.625**2 + 0.125**2 + 2 * 0.375**2) / 3 / 4))
     cons = cons_at_k([samples([T, T], ["1", "1"]), samples([F, F], ["2", "2"]), []])
     assert cons.value == pytest.approx(1 / 3) and cons.problems == 3
+
+
+def test_the_kv_cache_size_uses_the_dtype_the_engine_runs_in_not_the_auto_setting(embedded_model):
+    """teacher.dtype "auto" runs as float32 on CPU: 4 bytes per value, where "auto" alone would read as 2."""
+    from eval.config import EvalConfig
+    from eval.evaluate import _engine_dtype
+    from eval.resources import kv_bytes_per_token
+    from pipeline.generate.teacher.vllm_engine import running_on_cpu
+
+    cfg = EvalConfig(models=["smollm2-135m-instruct"], benchmarks=["humaneval"])
+    assert cfg.engine.dtype == "auto"
+    config = json.loads((Path(embedded_model.path) / "config.json").read_text())
+    per_value = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * config["head_dim"]
+    expected_dtype, value_bytes = ("float32", 4) if running_on_cpu() else ("auto", 2)  # the model's bf16 on a GPU
+    assert _engine_dtype(cfg) == expected_dtype
+    assert kv_bytes_per_token(Path(embedded_model.path), _engine_dtype(cfg)) == value_bytes * per_value

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+import subprocess
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -14,9 +17,12 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import load_recipe
 from pipeline.executor import LocalExecutor, Shard
+from pipeline.generate.sources import load_problems
 from pipeline.generate.stage import generate
-from pipeline.parts import closed_parts
+from pipeline.generate.status import shard_states
+from pipeline.parts import PartWriter, closed_parts, holder
 from pipeline.verify.stage import verify_run
+from tests.conftest import ROOT, distill_command
 from tests.fake_openai import FakeOpenAIServer, Reply
 from tests.pipeline.generate.test_generate import write_recipe
 
@@ -30,12 +36,16 @@ def test_a_shard_outside_its_count_is_refused(index, count):
 def test_a_local_executor_needs_a_shard_and_runs_each_in_order():
     with pytest.raises(ValueError, match="at least one shard"):
         LocalExecutor(0)
-    assert LocalExecutor(3).run(lambda shard: (shard.index, shard.count, shard.label)) == [
+    workers = []
+    assert LocalExecutor(3).run(
+        lambda shard, worker: workers.append(worker) or (shard.index, shard.count, shard.label)
+    ) == [
         (0, 3, "s000of003"),
         (1, 3, "s001of003"),
         (2, 3, "s002of003"),
     ]
-    assert LocalExecutor().run(lambda shard: shard) == [Shard(0, 1)]
+    assert len(set(map(id, workers))) == 1, "one worker serves every shard: an engine started once serves them all"
+    assert LocalExecutor().run(lambda shard, worker: shard) == [Shard(0, 1)]
 
 
 def test_every_id_is_owned_by_exactly_one_shard_and_the_same_one_in_every_process():
@@ -81,6 +91,7 @@ GENERATE_KEYS = [
     "config_hash",
     "teacher",
     "engine",
+    "shards",
     "problems_total",
     "problems_resumed",
     "problems_answered",
@@ -177,3 +188,81 @@ def test_two_shards_make_the_rows_of_one_in_parts_of_their_own_and_resume_and_bu
     )
     # one row per solved problem (1 + 1 to 9 + 9): a problem's two samples are the same text, kept once
     assert len(_rows(two.run_dir / "dataset" / "data", dataset_columns)) == 9
+
+
+# ---- a scheduler array: one process per shard, at the same time, into one run folder
+
+
+def _slow_answer(body: dict) -> Reply:
+    return replace(_answer(body), delay_s=0.4)
+
+
+def _start(recipe: Path, *overrides: str) -> subprocess.Popen:
+    command = distill_command(str(recipe), *overrides, "-q", "--no-verify")
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_until(condition, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_two_shard_processes_at_once_make_the_rows_of_one_process_and_a_third_on_a_busy_shard_is_refused(tmp_path):
+    with FakeOpenAIServer(_slow_answer) as server:
+        one = _recipe(tmp_path, server.url, "one")
+        assert subprocess.run(distill_command(str(one), "-q", "--no-verify"), cwd=ROOT).returncode == 0
+        array = _recipe(tmp_path, server.url, "array")
+        array_dir = load_recipe(array).run_dir
+        tasks = [_start(array, f"shard={i}/2", "teacher.concurrency=1") for i in range(2)]
+        locks = [array_dir / "locks" / f"s00{i}of002.lock" for i in range(2)]
+        # both at work at the same moment: each holds its shard's lock
+        _wait_until(lambda: all(holder(lock) for lock in locks) or any(t.poll() is not None for t in tasks))
+        assert [holder(lock).split()[1] for lock in locks] == [str(t.pid) for t in tasks]
+        third = subprocess.run(
+            distill_command(str(array), "shard=0/2", "-q"), cwd=ROOT, capture_output=True, text=True
+        )
+        assert third.returncode == 2 and "shard 0/2" in third.stderr and "in use by another process" in third.stderr
+        whole = subprocess.run(distill_command(str(array), "-q"), cwd=ROOT, capture_output=True, text=True)
+        assert whole.returncode == 2 and "another shard count" in whole.stderr  # the whole run owns both shards' ids
+        assert [t.wait(timeout=300) for t in tasks] == [0, 0], [t.stderr.read() for t in tasks]
+        status = subprocess.run(
+            distill_command(str(array), "--status", "executor.shards=2"), cwd=ROOT, capture_output=True, text=True
+        )
+    assert status.returncode == 0 and status.stdout.count("complete") >= 2, status.stdout
+    # verify and build read both shards' parts: the same rows as one process, none twice
+    for run_dir in (load_recipe(one).run_dir, array_dir):
+        assert main(["verify", str(run_dir), "-q"]) == 0
+        assert main(["build", str(run_dir), "build.near_dup_threshold=null", "-q"]) == 0
+    raw = ds.dataset(array_dir / "raw", format="parquet").to_table(columns=["problem_id", "sample_index"])
+    keys = list(zip(raw.column("problem_id").to_pylist(), raw.column("sample_index").to_pylist(), strict=True))
+    assert len(keys) == len(set(keys)) == 2 * len(PROBLEMS)
+    for folder, columns in (
+        ("raw", ["problem_id", "sample_index"]),
+        ("verified", ["problem_id", "sample_index", "status"]),
+        ("dataset/data", ["problem_id", "sample_index", "answer"]),
+    ):
+        assert _rows(array_dir / folder, columns) == _rows(load_recipe(one).run_dir / folder, columns), folder
+    assert not list(array_dir.rglob("*.tmp"))
+
+
+def test_status_names_complete_partial_and_not_started_shards(tmp_path):
+    with FakeOpenAIServer(_answer) as server:
+        recipe = load_recipe(_recipe(tmp_path, server.url, "status"), ["executor.shards=3", "executor.shard=1"])
+        generate(recipe, quiet=True)
+    states = shard_states(recipe)
+    owned = [
+        sum(Shard(i, 3).owns(p.id) for p in load_problems(recipe.sources, Path(recipe.base_dir))[0]) for i in range(3)
+    ]
+    assert [(s.label, s.problems, s.state) for s in states] == [
+        ("s000of003", owned[0], "not started"),
+        ("s001of003", owned[1], "complete"),
+        ("s002of003", owned[2], "not started"),
+    ]
+    assert states[1].done == owned[1] and sum(owned) == len(PROBLEMS)
+    # half a shard: one closed part of shard 0 holding one of its problems
+    first = next(p for p in load_problems(recipe.sources, Path(recipe.base_dir))[0] if Shard(0, 3).owns(p.id))
+    with PartWriter(recipe.run_dir / "raw", 10, 10, shard=Shard(0, 3)) as writer:
+        writer.add([{"problem_id": first.id, "sample_index": 0}])
+    assert shard_states(recipe)[0].state == ("partial" if owned[0] > 1 else "complete")

@@ -14,6 +14,7 @@ scrubbed from every error message kept.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import random
 import threading
@@ -69,14 +70,19 @@ class OpenAITeacher(Teacher):
         return self._cfg.request_timeout_s or 60.0 + sampling.max_tokens
 
     def generate(self, requests: Iterable[TeacherRequest], sampling: SamplingConfig) -> Iterator[TeacherResult]:
-        """Runs the asyncio client in a thread and hands its results over a queue, so callers stay synchronous."""
+        """Runs the asyncio client in a thread and hands its results over a queue, so callers stay synchronous.
+
+        A request's slot (of `concurrency`) is handed back when the caller takes its result, not when the answer
+        arrives: a caller slower than the endpoints (writing parts of a million problems) holds back the sending,
+        so results never pile up in memory."""
         results: queue.Queue = queue.Queue()
         done = object()
         stop = threading.Event()
+        client: dict = {}  # the client thread's loop, main task and slots
 
         def runner() -> None:
             try:
-                asyncio.run(self._run(requests, sampling, results, stop))
+                asyncio.run(self._run(requests, sampling, results, stop, client))
             except BaseException as e:  # surfaced in the caller's thread below
                 results.put(e)
             finally:
@@ -88,12 +94,19 @@ class OpenAITeacher(Teacher):
             while (item := results.get()) is not done:
                 if isinstance(item, BaseException):
                     raise item
+                with contextlib.suppress(RuntimeError):  # the client has sent everything and closed its loop
+                    client["loop"].call_soon_threadsafe(client["slots"].release)
                 yield item
         finally:
             stop.set()
+            if "loop" in client and thread.is_alive():
+                # wake a client waiting for a slot: it stops sending, cancels what is in flight (RuntimeError:
+                # its loop closed meanwhile)
+                with contextlib.suppress(RuntimeError):
+                    client["loop"].call_soon_threadsafe(client["task"].cancel)
             thread.join(timeout=10)
 
-    async def _run(self, requests, sampling, results: queue.Queue, stop: threading.Event) -> None:
+    async def _run(self, requests, sampling, results: queue.Queue, stop: threading.Event, client: dict) -> None:
         timeout = self.timeout_s(sampling)
         limits = httpx.Limits(max_connections=self._cfg.concurrency, max_keepalive_connections=self._cfg.concurrency)
         endpoints = [
@@ -111,16 +124,16 @@ class OpenAITeacher(Teacher):
         ]
         await asyncio.gather(*(self._probe(e, endpoints) for e in endpoints))
         slots = asyncio.Semaphore(self._cfg.concurrency)
+        client.update(loop=asyncio.get_running_loop(), task=asyncio.current_task(), slots=slots)
         tasks: set[asyncio.Task] = set()
         # The first configuration error (or a bug) stops sending and is raised in the caller's thread.
         fatal: list[Exception] = []
 
         async def one(request: TeacherRequest) -> None:
             try:
-                results.put(await self._request(request, sampling, endpoints))
+                results.put(await self._request(request, sampling, endpoints))  # its slot: released by the caller
             except Exception as e:
                 fatal.append(e)
-            finally:
                 slots.release()
 
         try:

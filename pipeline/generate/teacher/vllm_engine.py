@@ -3,6 +3,10 @@
 `LLM.generate` returns only when every prompt is done, which would hold hours of completions in memory and lose
 them all on a crash. We drive the same engine step by step instead (what `LLM.generate` does inside), keeping a
 bounded window of requests queued so the batch stays full while finished completions stream out to the parts.
+
+The engine's settings depend on where it runs (`engine_settings`): the ones measured fastest on CPU (float32, eager)
+there, vLLM's own on a GPU (the model's dtype, CUDA graphs, a share of GPU memory, tensor/pipeline parallelism).
+The managed server (`vllm_server`) builds its command line from the same resolved settings.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import itertools
 import os
 import time
 from collections.abc import Iterable, Iterator
+from functools import cache
+from typing import Any
 
 from pipeline.generate.completion import Completion, mean_topk_entropy
 from pipeline.generate.config import SamplingConfig, TeacherConfig
@@ -41,35 +47,77 @@ def sampling_params(sampling: SamplingConfig):
     )
 
 
-def load_llm(model: ResolvedModel, cfg: TeacherConfig, seed: int | None = None):
-    """Start the engine with the settings measured fastest on CPU (float32, eager) and processed logprobs."""
+@cache
+def running_on_cpu() -> bool:
+    """vLLM's own platform detection (its CPU build, or no accelerator it supports). Importing vLLM costs seconds,
+    once per process; on a GPU it asks NVML and creates no CUDA context, so a parent that only starts a server takes
+    no GPU memory."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def engine_settings(cfg: TeacherConfig, on_cpu: bool | None = None) -> dict[str, Any]:
+    """The vllm.LLM keywords of `cfg` on this platform (`on_cpu`: given, or detected): the CPU defaults are float32
+    and eager (start-up 60 s instead of 200 s); on a GPU, vLLM's auto dtype (bf16 for a bf16 model), CUDA graphs and
+    the GPU memory share. Explicit `dtype`/`enforce_eager` win everywhere; `engine_kwargs` come last (the config
+    refuses one that repeats a field). The model, the seed and the reasoning parser are not among them."""
+    cpu = running_on_cpu() if on_cpu is None else on_cpu
+    settings: dict[str, Any] = {
+        "dtype": "float32" if cpu and cfg.dtype == "auto" else cfg.dtype,
+        "enforce_eager": cpu if cfg.enforce_eager is None else cfg.enforce_eager,
+        "max_model_len": cfg.max_model_len,
+        "max_num_seqs": cfg.max_num_seqs,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "pipeline_parallel_size": cfg.pipeline_parallel_size,
+        "logprobs_mode": PROCESSED_LOGPROBS,  # entropy on the distribution sampled from (see logprobs_mode)
+    }
+    if not cpu:  # vLLM's CPU build sizes its KV cache from VLLM_CPU_KVCACHE_SPACE instead
+        settings["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    return settings | cfg.engine_kwargs
+
+
+def load_llm(model: ResolvedModel, cfg: TeacherConfig, seed: int | None = None, in_process: bool | None = None):
+    """Start the engine with `engine_settings`. `in_process` (default: cfg.reproducible) runs the engine's scheduler
+    in this process: the same seed and requests then give the same samples, and a process killed with SIGKILL (a Ray
+    actor) leaves no engine process behind."""
     os.environ.update(vllm_env())
     # Read at engine start. Once an in-process engine has run, vLLM caches its settings: later engines of this
     # process stay in-process too.
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if cfg.reproducible else "1"
+    in_process = cfg.reproducible if in_process is None else in_process
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
     from vllm import LLM
 
-    return LLM(
-        model.path,
-        dtype=cfg.dtype,
-        enforce_eager=cfg.enforce_eager,
-        max_model_len=cfg.max_model_len,
-        max_num_seqs=cfg.max_num_seqs,
-        seed=seed if seed is not None else 0,  # per-request seeds crash the CPU build (see SamplingConfig.seed)
-        logprobs_mode=PROCESSED_LOGPROBS,  # entropy on the distribution sampled from (see logprobs_mode)
-    )
+    # Per-request seeds crash the CPU build (see SamplingConfig.seed): the engine gets the seed.
+    return LLM(model.path, seed=seed if seed is not None else 0, **engine_settings(cfg))
+
+
+def engine_input(engine, prompt_token_ids: list[int]):
+    """The prompt as the engine takes it (what `LLM.generate` passes, vLLM 0.32 and 0.33): rendered by the engine's
+    renderer; a raw `{"prompt_token_ids": ...}` dict is deprecated."""
+    from vllm.inputs import TokensPrompt
+
+    (rendered,) = engine.renderer.render_cmpl([TokensPrompt(prompt_token_ids=prompt_token_ids)])
+    return rendered
 
 
 class VLLMEngineTeacher(Teacher):
     engine = "vllm"
 
-    def __init__(self, model: ResolvedModel, cfg: TeacherConfig, llm=None, seed: int | None = None):
-        """`llm` lets a caller share an already started engine (tests, benchmarks)."""
+    def __init__(
+        self,
+        model: ResolvedModel,
+        cfg: TeacherConfig,
+        llm=None,
+        seed: int | None = None,
+        in_process: bool | None = None,
+    ):
+        """`llm` lets a caller share an already started engine (tests, benchmarks); `in_process`: see load_llm."""
         super().__init__()
         self.engine_version = vllm_version()
         self._cfg = cfg
         self._owns_llm = llm is None
-        self.llm = llm if llm is not None else load_llm(model, cfg, seed)
+        self.llm = llm if llm is not None else load_llm(model, cfg, seed, in_process)
         self._tokenizer = self.llm.get_tokenizer()
         self._ids = itertools.count()
 
@@ -99,7 +147,7 @@ class VLLMEngineTeacher(Teacher):
                     )
                     continue
                 request_id = f"{request.key}#{next(self._ids)}"
-                engine.add_request(request_id, {"prompt_token_ids": ids}, params)
+                engine.add_request(request_id, engine_input(engine, ids), params)
                 in_flight[request_id] = (request.key, len(ids), time.monotonic(), think_opened)
             if not in_flight:
                 return

@@ -3,12 +3,14 @@
 The server is started with `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script of the CPU
 build fails), in its own process group so that stopping it takes its engine workers too. It is stopped at the end,
 on Ctrl-C, on SIGTERM and on error; if our process dies without cleanup (kill -9), the kernel's parent-death
-signal stops it, so no orphan keeps the accelerator.
+signal stops it, so no orphan keeps the accelerator. Its engine settings are the in-process engine's on this
+platform (`vllm_engine.engine_settings`), as command-line arguments.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -16,13 +18,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from pydantic import SecretStr
 
 from pipeline.generate.config import NO_KEY, TeacherConfig
-from pipeline.generate.teacher.base import PROCESSED_LOGPROBS, vllm_env, vllm_version
+from pipeline.generate.teacher.base import vllm_env, vllm_version
 from pipeline.generate.teacher.openai_client import OpenAITeacher
+from pipeline.generate.teacher.vllm_engine import engine_settings
 from pipeline.models import ResolvedModel
 
 _PR_SET_PDEATHSIG = 1
@@ -30,6 +34,25 @@ _PR_SET_PDEATHSIG = 1
 
 def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def cli_args(settings: dict[str, Any]) -> list[str]:
+    """vllm.LLM keywords as api_server arguments: `--kebab-case VALUE`; a bool as `--flag`/`--no-flag` (vLLM's
+    boolean options take both), a dict as JSON, a list as several values; None leaves vLLM's default."""
+    args: list[str] = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            args.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, dict):
+            args += [flag, json.dumps(value)]
+        elif isinstance(value, (list, tuple)):
+            args += [flag, *map(str, value)]
+        else:
+            args += [flag, str(value)]
+    return args
 
 
 def free_port() -> int:
@@ -53,14 +76,15 @@ class ManagedVLLMServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def command(self) -> list[str]:
+    def command(self, on_cpu: bool | None = None) -> list[str]:
+        """The server's command line: the in-process engine's settings on this platform (`engine_settings`; `on_cpu`
+        overrides the detection), then the reasoning parser, the seed and `server_args`."""
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model.path]
         cmd += ["--served-model-name", self.model.name, "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += ["--dtype", self.cfg.dtype, "--max-model-len", str(self.cfg.max_model_len)]
-        cmd += ["--max-num-seqs", str(self.cfg.max_num_seqs), "--max-logprobs", str(self.max_logprobs)]
-        cmd += ["--logprobs-mode", PROCESSED_LOGPROBS]  # entropy on the distribution sampled from (logprobs_mode)
-        if self.cfg.enforce_eager:
-            cmd.append("--enforce-eager")
+        cmd += ["--max-logprobs", str(self.max_logprobs)]
+        cmd += cli_args(engine_settings(self.cfg, on_cpu))
+        if self.cfg.reasoning_parser:
+            cmd += ["--reasoning-parser", self.cfg.reasoning_parser]
         if self.seed is not None:
             cmd += ["--seed", str(self.seed)]
         return cmd + list(self.cfg.server_args)

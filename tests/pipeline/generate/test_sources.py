@@ -282,6 +282,6 @@ def test_resuming_a_generation_after_a_row_was_edited_under_its_id_is_refused(tm
         write_jsonl(path, [json.dumps(r) for r in [*rows, {"id": "q3", "prompt": "3+3?", "reference": "6"}]])
         assert generate(recipe, quiet=True)["problems_answered"] == 1  # a new row is resumed: only q3 is asked
         write_jsonl(path, [json.dumps(rows[0] | {"reference": "5"}), json.dumps(rows[1])])
-        with pytest.raises(RecipeError, match=r"problem\(s\) q1 changed since they were generated"):
+        with pytest.raises(RecipeError, match=r"problem q1 changed since it was generated"):
             generate(recipe, quiet=True)
         assert server.chat_calls == 3
