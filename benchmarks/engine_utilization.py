@@ -10,18 +10,18 @@ sides (ours: `generation_s` in stats.json, from the first request to the last pa
 figure: the cost of HTTP, JSON and the client included. Targets: >= 0.95 in-process, >= 0.90 through the server.
 
 The Ray line runs `distill generate executor.type=ray executor.workers=2 executor.cpus_per_worker=1` (a local Ray
-cluster, 2 actors, each with its own in-process vLLM engine and one thread) on a larger recipe, `--ray-problems`
+cluster of 2 actors, each with its own in-process vLLM engine on one thread) on a larger recipe: `--ray-problems`
 problems in `--ray-shards` shards, so that each actor generates for minutes after its engine started and pulls
-several shards. Its denominator is NOT the 32-problem in-process line: it is a one-process `distill generate` of the
-very same larger recipe (same problems and prompts, same sampling and seed, `executor` left local: one shard),
-run on this process's engine (the one of the in-process line: the default multiprocess engine, whose model runs on
-one core while the other serves the frontend and the scheduler) just before the Ray run, in the same benchmark run
-on the same machine. A larger workload on both sides because a Ray run's `generation_s` spans from the first
-request of any shard to the end of the last: one actor's engine coming up a few seconds after the other's, and the
-last shard's tail, would weigh on 32 problems. Both are `tokens_per_s` of stats.json. The cores are shared by the
-two actors, as by the one-process engine's processes: the target, >= 0.85, says that Ray costs next to nothing.
-Every engine here has the same settings (the recipe's teacher; VLLM_CPU_KVCACHE_SPACE defaults to 2 GiB for all of
-them, enough for 64 sequences, so that two engines fit beside the rest of the machine's work).
+several shards. Its denominator is NOT the 32-problem in-process line, but a one-process `distill generate` of that
+very recipe (same problems and prompts, same sampling and seed; `executor` left local: one shard), on this process's
+engine (the in-process line's: the default multiprocess engine) and alternated with the Ray run, `--ray-rounds`
+pairs, in one benchmark run on one machine; both figures are `tokens_per_s` of stats.json, engine start-up excluded.
+The workload is larger on both sides because a Ray run's `generation_s` spans from the first request of any shard to
+the end of the last: one actor's engine coming up a few seconds after the other's, and the last shard's tail, would
+weigh on 32 problems. The two actors share the 2 cores as the one-process engine's processes do (frontend, engine
+core, model worker): the target, >= 0.85, says that Ray costs next to nothing. Every engine here has the same
+settings (the recipe's teacher; VLLM_CPU_KVCACHE_SPACE defaults to 2 GiB for all of them, room for 64 sequences of
+this workload, so that two engines fit beside the rest of the machine's work).
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--ray-problems", type=int, default=128, help="problems of the Ray run and its denominator")
     parser.add_argument("--ray-shards", type=int, default=8, help="shards of the Ray run (4 for each of 2 workers)")
+    parser.add_argument("--ray-rounds", type=int, default=1, help="one-process/Ray pairs (a Ray run restarts engines)")
     args = parser.parse_args()
     # Before any engine starts, so that all of them (this process's, the server's, the Ray actors') have the same.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -115,20 +116,25 @@ def main() -> None:
         ours.append(stats["tokens_per_s"])
         print(f"round {i}: raw vllm.LLM {raw[-1]:.1f} tok/s, distill generate (vllm) {ours[-1]:.1f} tok/s", flush=True)
 
-    # The Ray line's denominator: one process, the Ray run's recipe (executor left local), this engine.
+    # The Ray line and its denominator, alternated: one process on this engine (the Ray run's recipe, executor left
+    # local), then the same recipe on 2 Ray actors. This engine stays up, idle, during the Ray runs: its processes
+    # wait on a socket and take no CPU, and keeping it lets a second round alternate.
     large = partial(make_recipe, work, max_tokens=args.max_tokens, problems=args.ray_problems)
-    teacher = VLLMEngineTeacher(model, recipe.teacher, llm=llm)
-    one = generate(large(name="one-process"), quiet=True, teacher=teacher)
-    assert one["problems_answered"] == args.ray_problems, one["failures"][:3]
-    print(f"distill generate, one process, {args.ray_problems} problems: {one['tokens_per_s']:.1f} tok/s", flush=True)
+    on_ray = [*RAY, f"executor.shards={args.ray_shards}"]
+    one_runs, ray_runs = [], []
+    for i in range(args.ray_rounds):
+        one_runs.append(generate(large(name=f"one-process-{i}"), quiet=True, teacher=teacher))
+        ray_runs.append(generate(large(name=f"ray-{i}", overrides=on_ray), quiet=True))  # no engine in this process
+        for stats in (one_runs[-1], ray_runs[-1]):
+            assert stats["problems_answered"] == args.ray_problems, stats["failures"][:3]
+        assert len(ray_runs[-1]["shards"]) == args.ray_shards, ray_runs[-1]["shards"]
+        print(
+            f"round {i}, {args.ray_problems} problems: distill generate one process "
+            f"{one_runs[-1]['tokens_per_s']:.1f} tok/s, 2 Ray workers {ray_runs[-1]['tokens_per_s']:.1f} tok/s",
+            flush=True,
+        )
     del llm, teacher
     gc.collect()
-
-    # The same recipe on 2 Ray actors; this process starts no engine for it (the actors' engines are in-process).
-    ray_stats = generate(large(name="ray", overrides=[*RAY, f"executor.shards={args.ray_shards}"]), quiet=True)
-    assert ray_stats["problems_answered"] == args.ray_problems, ray_stats["failures"][:3]
-    assert len(ray_stats["shards"]) == args.ray_shards, ray_stats["shards"]
-    print(f"distill generate, 2 Ray workers: {ray_stats['tokens_per_s']:.1f} tok/s", flush=True)
 
     served = []
     # The seed goes to the server's engine, not into each request (see SamplingConfig.seed), as vllm-server does.
@@ -149,13 +155,15 @@ def main() -> None:
         mean = statistics.mean(values)
         print(f"| distill generate, {label} | {mean:.1f} | {mean / raw_mean:.3f} | >= {target} |")
     header = f"path ({args.ray_problems} problems, n=2, {args.max_tokens} tokens, Ray: {args.ray_shards} shards)"
-    print(f"\n| {header} | tokens/s | generation_s | ratio to one process | target |\n| --- | --- | --- | --- | --- |")
-    for label, stats, target in (
-        ("distill generate, one process (vllm)", one, ""),
-        ("distill generate, 2 Ray workers (1 core each)", ray_stats, ">= 0.85"),
+    print(f"\n| {header} | tokens/s (mean) | generation_s (mean) | ratio to one process | target |")
+    print("| --- | --- | --- | --- | --- |")
+    one_mean = statistics.mean(s["tokens_per_s"] for s in one_runs)
+    for label, runs, target in (
+        ("distill generate, one process (vllm)", one_runs, ""),
+        ("distill generate, 2 Ray workers (1 core each)", ray_runs, ">= 0.85"),
     ):
-        ratio = stats["tokens_per_s"] / one["tokens_per_s"]
-        print(f"| {label} | {stats['tokens_per_s']:.1f} | {stats['generation_s']:.1f} | {ratio:.3f} | {target} |")
+        mean, seconds = (statistics.mean(s[k] for s in runs) for k in ("tokens_per_s", "generation_s"))
+        print(f"| {label} | {mean:.1f} | {seconds:.1f} | {mean / one_mean:.3f} | {target} |")
 
 
 if __name__ == "__main__":

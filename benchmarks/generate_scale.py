@@ -3,6 +3,7 @@
     python benchmarks/generate_scale.py                             # 10^4, 10^5, 10^6 problems x 4, 2 shard processes
     python benchmarks/generate_scale.py --sizes 1e4 1e5 --shards 1  # one process per run, no shard=I/N
     python benchmarks/generate_scale.py --sizes 1e4 --work /tmp/gs --keep
+    python benchmarks/generate_scale.py --resume-only 1e6           # the resume of 10^6 finished problems alone
 
 What runs: benchmarks/instant_openai.py in its own process. It answers every request at once, so the teacher costs
 nothing and what is measured is the pipeline: reading the source, rendering, the openai client, rows, parts and
@@ -27,6 +28,18 @@ Settings, and why:
   httpcore's pool bookkeeping, which grows with the connections (measured here: ~4 ms of client CPU per request
   at 1-4 in flight, ~7 ms at 16-64). `--concurrency 64` measures the default.
 - --no-verify: the inline verify of 4·10^6 rows is verify's benchmark (benchmarks/verify_throughput.py).
+
+--resume-only SIZE: the resume start-up and peak RSS of a finished run of SIZE problems, WITHOUT generating them
+through the endpoint. The openai client costs ~6.6 ms of CPU per problem here (2 shared cores), so generating 10^6
+problems x 4 through it takes 1-2 hours; the resume's cost depends only on what a finished run holds. So: a real
+first run (the same commands, `sources.0.limit=8`) writes run.json, recipe.yaml, locks, too_long/ and real rows
+(the fingerprint holds teacher, templates and sampling, not the sources, so it is the whole run's); then one
+process per shard writes every other problem of its shard with the project's own code (the source stream, the
+renderer, `generate.stage._rows` with a `TeacherResult` of the 4 completions the endpoint gave, and
+`parts.PartWriter` with the shard's `Shard`, under its lock), after checking that the rows it builds for the seed
+problems equal the seed run's column for column; then the real S commands run on that run, timed, and must send no
+request. Caveat: the index files were just written, so they are in the page cache (a cold start on NFS reads them
+from the server). This mode does not measure the generating process's peak RSS at SIZE.
 
 Run it against another checkout of the code with PYTHONPATH=THAT_TREE (the child processes inherit it, and the
 editable install's finder comes after PYTHONPATH), e.g. `git archive HEAD | tar -x -C /tmp/head`.
@@ -115,12 +128,9 @@ def write_source(path: Path, problems: int) -> None:
             f.write(json.dumps({"id": f"p{i:07d}", "prompt": f"What is {a} + {b}?", "reference": str(a + b)}) + "\n")
 
 
-def commands(args, recipe: Path, url: str) -> list[list[str]]:
-    """The S commands of one run: `shard=I/S` each, or one with none (`--shards 1`, or `--one-process`)."""
-    base = [
-        args.distill,
-        "generate",
-        str(recipe),
+def overrides(args, url: str) -> list[str]:
+    """The recipe overrides of every command of a run (see the settings in the docstring)."""
+    return [
         "teacher.backend=openai",
         "teacher.model=instant",
         f"teacher.endpoints=[{url}]",
@@ -130,9 +140,12 @@ def commands(args, recipe: Path, url: str) -> list[list[str]]:
         "sampling.max_tokens=64",
         f"output.part_rows={args.part_rows}",
         "output.part_seconds=600",
-        "--no-verify",
-        "-q",
     ]
+
+
+def commands(args, recipe: Path, url: str, extra: tuple[str, ...] = ()) -> list[list[str]]:
+    """The S commands of one run: `shard=I/S` each, or one with none (`--shards 1`, or `--one-process`)."""
+    base = [args.distill, "generate", str(recipe), *overrides(args, url), *extra, "--no-verify", "-q"]
     if args.shards == 1:
         return [base]
     if args.one_process:  # the shards in turn in one process (LocalExecutor): no concurrent writers needed
@@ -194,8 +207,8 @@ def count_rows(raw: Path) -> tuple[int, int, int, float]:
     return rows, distinct, len(parts), sum(p.stat().st_size for p in parts) / 2**20
 
 
-def bench_size(args, endpoint: Endpoint, work: Path, problems: int, env: dict) -> Result:
-    folder = work / f"p{problems}"
+def write_recipe(folder: Path, problems: int) -> tuple[Path, dict]:
+    """The source (written once per folder, untimed) and the recipe of a run of `problems`; no run folder yet."""
     folder.mkdir(parents=True, exist_ok=True)
     source = folder / "problems.jsonl"
     if not source.exists():
@@ -207,7 +220,13 @@ def bench_size(args, endpoint: Endpoint, work: Path, problems: int, env: dict) -
         "output": {"runs_dir": str(folder / "runs")},
     }
     recipe.write_text(yaml.safe_dump(data, sort_keys=False))
-    shutil.rmtree(folder / "runs", ignore_errors=True)  # a fresh run each time: the first phase is a full generate
+    shutil.rmtree(folder / "runs", ignore_errors=True)  # a fresh run each time
+    return recipe, data
+
+
+def bench_size(args, endpoint: Endpoint, work: Path, problems: int, env: dict) -> Result:
+    folder = work / f"p{problems}"
+    recipe, data = write_recipe(folder, problems)
     cmds = commands(args, recipe, endpoint.url)
     for cmd in cmds:
         print(f"  $ {shlex.join(cmd)}", flush=True)
@@ -226,6 +245,156 @@ def bench_size(args, endpoint: Endpoint, work: Path, problems: int, env: dict) -
     if resumed.requests:
         raise SystemExit(f"P={problems}: the resume of a finished run sent {resumed.requests} requests, want 0")
     return Result(problems, len(cmds), rows, parts, raw_mb, generated, resumed, [shlex.join(c) for c in cmds])
+
+
+SEED_PROBLEMS = 8  # --resume-only: problems the real first run generates through the endpoint (sources.0.limit)
+
+
+@dataclass
+class ResumeOnly:
+    """--resume-only: a finished run of `problems` whose parts PartWriter wrote directly, and the resume of it."""
+
+    problems: int
+    processes: int
+    rows: int
+    parts: int
+    raw_mb: float
+    index_mb: float
+    write_s: float  # the direct writing of the parts (untimed as far as the targets go)
+    seed: Phase
+    resume: Phase
+    commands: list[str] = field(default_factory=list)
+
+
+def write_finished_shard(recipe_path: str, recipe_overrides: list[str], index: int, count: int, seed: list[str]):
+    """Write every problem of shard `index` of `count` that the seed parts lack into raw parts, as a run that had
+    generated it would have: the real source stream, renderer, `stage._rows` and `PartWriter` (under the shard's
+    lock), each problem answered by the n completions the endpoint gave the seed run's first problem.
+
+    The seed run's own rows (of the problems this shard owns) are rebuilt the same way first and must equal them,
+    column for column (but `created_at` and `latency_s`, a clock's): the written rows are those a real run writes.
+    Runs in a process of its own, one per shard at once, as the shard processes of a real run do.
+    """
+    import pyarrow.parquet as pq
+
+    from pipeline.config import load_recipe
+    from pipeline.executor import Shard
+    from pipeline.generate.completion import Completion
+    from pipeline.generate.render import Renderer
+    from pipeline.generate.sources import stream_problems
+    from pipeline.generate.stage import _rows
+    from pipeline.generate.teacher.base import TeacherResult
+    from pipeline.parts import PartWriter, ShardLock, read_index
+
+    started = time.monotonic()
+    recipe = load_recipe(recipe_path, recipe_overrides)
+    shard, run_dir = Shard(index, count), recipe.run_dir
+    seed_rows: dict[str, list[dict]] = {}
+    for row in pq.read_table(seed).to_pylist():
+        seed_rows.setdefault(row["problem_id"], []).append(row)
+    template = sorted(next(iter(seed_rows.values())), key=lambda r: r["sample_index"])
+    completions = [
+        Completion(
+            r["sample_index"], r["completion"], r["finish_reason"], r["completion_tokens"], r["mean_token_entropy"]
+        )
+        for r in template
+    ]
+    clock = {"created_at", "latency_s"}
+    renderer = Renderer(recipe.templates, recipe.system_prompt, Path(recipe.base_dir))
+    provenance: dict | None = None
+    checked = rows = 0
+    with ShardLock(run_dir, shard):
+        done = read_index(run_dir / "raw", shard)
+        writer = PartWriter(run_dir / "raw", recipe.output.part_rows, recipe.output.part_seconds, shard=shard)
+        with writer:
+            for problem in stream_problems(recipe.sources, Path(recipe.base_dir), [], shard):
+                messages = renderer.messages(problem)
+                result = TeacherResult(problem.id, completions, template[0]["prompt_tokens"], template[0]["latency_s"])
+                if provenance is None:  # the columns `_rows` leaves to its caller, as the seed run filled them
+                    own = _rows(problem, messages, result, {})[0]
+                    provenance = {k: v for k, v in template[0].items() if k not in own}
+                built = _rows(problem, messages, result, provenance)
+                if problem.id in done:
+                    real = sorted(seed_rows.get(problem.id, []), key=lambda r: r["sample_index"])
+                    strip = [{k: v for k, v in r.items() if k not in clock} for r in real]
+                    if strip != [{k: v for k, v in r.items() if k not in clock} for r in built]:
+                        raise SystemExit(f"rows built for {problem.id} differ from the seed run's:\n{real}\n{built}")
+                    checked += 1
+                    continue
+                writer.add(built)
+                rows += len(built)
+    return {"rows": rows, "parts": writer.parts_written, "checked": checked, "seconds": time.monotonic() - started}
+
+
+def resume_only(args, endpoint: Endpoint, work: Path, problems: int, env: dict) -> ResumeOnly:
+    """A finished run of `problems` made without generating it through the endpoint, then its resume, timed."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from pipeline.parts import INDEX_DIR, closed_parts
+
+    folder = work / f"resume-p{problems}"
+    recipe, data = write_recipe(folder, problems)
+    raw = folder / "runs" / data["name"] / "raw"
+    # 1. A real first run of the first SEED_PROBLEMS problems: run.json (the fingerprint has no sources in it, so it
+    # is that of the whole run), recipe.yaml, locks, too_long/, rejects, and real rows to copy and check against.
+    seed_cmds = commands(args, recipe, endpoint.url, (f"sources.0.limit={SEED_PROBLEMS}",))
+    print(f"  seed run: $ {shlex.join(seed_cmds[0])}{' (and the other shards)' if len(seed_cmds) > 1 else ''}")
+    seed = phase(endpoint, seed_cmds, folder, "seed", env)
+    seed_parts = [str(p) for p in closed_parts(raw)]
+    if seed.requests != SEED_PROBLEMS or not seed_parts:
+        raise SystemExit(f"seed run: {seed.requests} requests, {len(seed_parts)} parts, want {SEED_PROBLEMS}, 1+")
+    # 2. The rest of every shard's problems: parts written by PartWriter directly, the shards at once.
+    shards = args.shards
+    started = time.monotonic()
+    jobs = [(str(recipe), overrides(args, endpoint.url), i, shards, seed_parts) for i in range(shards)]
+    with ProcessPoolExecutor(shards, mp_context=get_context("spawn")) as pool:
+        written = list(pool.map(write_finished_shard, *zip(*jobs, strict=True)))
+    write_s = time.monotonic() - started
+    checked = sum(w["checked"] for w in written)
+    print(
+        f"  PartWriter wrote {sum(w['rows'] for w in written):,} rows in {sum(w['parts'] for w in written):,} parts "
+        f"in {write_s:.0f} s ({shards} processes); {checked} seed problems rebuilt equal to the seed run's rows",
+        flush=True,
+    )
+    if checked != SEED_PROBLEMS:
+        raise SystemExit(f"{checked} seed problems checked against the rows built here, want {SEED_PROBLEMS}")
+    # 3. The resume: the real commands of the run, which must find every problem done and send nothing.
+    cmds = commands(args, recipe, endpoint.url)
+    for cmd in cmds:
+        print(f"  $ {shlex.join(cmd)}", flush=True)
+    resumed = phase(endpoint, cmds, folder, "resume", env)
+    if resumed.requests:
+        raise SystemExit(f"P={problems}: the resume of a finished run sent {resumed.requests} requests, want 0")
+    rows, distinct, parts, raw_mb = count_rows(raw)
+    if rows != problems * 4 or distinct != rows:
+        raise SystemExit(
+            f"P={problems}: {rows} rows, {distinct} distinct (problem_id, sample_index), want {problems * 4}"
+        )
+    index_mb = sum(p.stat().st_size for p in (raw / INDEX_DIR).glob("*.json")) / 2**20
+    return ResumeOnly(
+        problems, len(cmds), rows, parts, raw_mb, index_mb, write_s, seed, resumed, [shlex.join(c) for c in cmds]
+    )
+
+
+def resume_table(r: ResumeOnly) -> str:
+    s = r.resume
+    cpu = " / ".join(f"{c:.1f}" for c in s.cpu_s)
+    ok_rss, ok_resume = max(s.rss_mb) < RSS_TARGET_MB, s.wall_s < RESUME_TARGET_S
+    return (
+        "| finished problems | processes | rows | parts | raw MB | index MB | parts written directly s "
+        "| resume start-up s | resume peak RSS MB | resume CPU s | requests sent |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        f"| {r.problems:,} | {r.processes} | {r.rows:,} | {r.parts:,} | {r.raw_mb:,.0f} | {r.index_mb:,.1f} "
+        f"| {r.write_s:,.0f} | {s.wall_s:,.1f} | {_mb(s.rss_mb)} | {cpu} | {s.requests} |\n\n"
+        f"| target at {r.problems:,} finished problems | measured | ratio | |\n|---|---:|---:|---|\n"
+        f"| resume start-up < {RESUME_TARGET_S:.0f} s | {s.wall_s:.1f} s | {s.wall_s / RESUME_TARGET_S:.2f} "
+        f"| {'pass' if ok_resume else 'FAIL'} |\n"
+        f"| resume peak RSS < {RSS_TARGET_MB:,} MB (each process) | {max(s.rss_mb):,.0f} MB "
+        f"| {max(s.rss_mb) / RSS_TARGET_MB:.2f} | {'pass' if ok_rss else 'FAIL'} |\n\n"
+        "The parts of this run were written by pipeline.parts.PartWriter directly, not through the endpoint (see "
+        "--resume-only):\nthe generating process's peak RSS at this size is not measured by this mode."
+    )
 
 
 def code_path(args, env: dict) -> str:
@@ -278,6 +447,12 @@ def main() -> None:
     parser.add_argument(
         "--one-process", action="store_true", help="run the S shards in turn in one process (executor.shards=S)"
     )
+    parser.add_argument(
+        "--resume-only",
+        type=float,
+        metavar="SIZE",
+        help="measure only the resume of a finished run of SIZE problems, its parts written by PartWriter directly",
+    )
     parser.add_argument("--work", type=Path, help="folder for sources, runs and logs (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (default: removed at the end)")
     parser.add_argument("--concurrency", type=int, default=4, help="teacher.concurrency of each process")
@@ -299,6 +474,15 @@ def main() -> None:
         f"endpoint {endpoint.url}; work folder {work}; {os.cpu_count()} CPUs; code {code_path(args, env)}", flush=True
     )
     try:
+        if args.resume_only:
+            problems = int(args.resume_only)
+            print(
+                f"P={problems:,} finished problems, parts written by PartWriter directly (--resume-only):", flush=True
+            )
+            r = resume_only(args, endpoint, work, problems, env)
+            print(f"\n{len(r.commands)} resume processes at once, n=4, part_rows={args.part_rows}\n")
+            print(resume_table(r))
+            return
         for problems in sizes:
             print(f"P={problems:,}:", flush=True)
             r = bench_size(args, endpoint, work, problems, env)

@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.config import load_recipe
     from pipeline.config_base import RecipeError
-    from pipeline.executor import ShardBusy, make_executor
+    from pipeline.executor import ShardBusy
+    from pipeline.executor_config import make_executor
 
     if args.command in ("eval", "run"):
         return _eval_or_run(args)
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _expand_shard(item: str) -> list[str]:
     """`shard=I/N` stands for the overrides executor.shard=I executor.shards=N; any other item is itself."""
-    from pipeline.executor import parse_shard_override
+    from pipeline.executor_config import parse_shard_override
 
     return parse_shard_override(item.partition("=")[2]) if item.startswith("shard=") else [item]
 
@@ -365,7 +366,7 @@ def _dataset_command(args) -> int:
 def _verify(args) -> int:
     from pipeline.config import VerifyConfig, apply_overrides, load_recipe, validate
     from pipeline.config_base import RecipeError
-    from pipeline.executor import make_executor
+    from pipeline.executor_config import make_executor
     from pipeline.verify.stage import verify_file, verify_run
 
     if args.input or args.output:

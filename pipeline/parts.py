@@ -151,10 +151,11 @@ def read_index(folder: Path, shard: Shard = WHOLE) -> dict[str, str | None]:
     parts = [p for p in closed_parts(folder) if _may_hold(p, shard)]
     done: dict[str, str | None] = {}
     with ThreadPoolExecutor(max_workers=8) as pool:
-        for entries in pool.map(_part_index, parts):
-            for problem_id, digest in entries:
-                if shard.count == 1 or shard.owns(problem_id):
-                    done[problem_id] = digest
+        for part, entries in zip(parts, pool.map(_part_index, parts), strict=True):
+            if shard.count == 1 or _PART_RE.match(part.name)[2] == f"{shard.count:03d}":
+                done.update(entries)  # a part of this very shard: every problem in it is the shard's
+            else:
+                done.update((i, d) for i, d in entries if shard.owns(i))
     return done
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_serializer, field_validator, model_validator
 
 from pipeline.config_base import RecipeError, Strict
-from pipeline.executor import ExecutorConfig
+from pipeline.executor_config import ExecutorConfig
 
 
 class FileSource(Strict):

@@ -15,10 +15,12 @@ import difflib
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from pipeline.executor import WHOLE, Shard, id_hash
 from pipeline.generate.config import FileSource, GymSource, HFSource, HumanEvalSource, SourceConfig
@@ -65,18 +67,45 @@ def _check_domain(source: FileSource | HFSource) -> None:
         raise ValueError(f"source {source.path!r}: domain {source.domain!r} is not one of {', '.join(DOMAINS)}")
 
 
-def _map_row(source: FileSource | HFSource, name: str, row: Any) -> Problem | str:
-    """Turn one row into a Problem via `columns`, or say why it cannot be one."""
+@dataclass(frozen=True)
+class _Invalid:
+    """Why a row is no problem, with the id it gives (if any): a row with an id belongs to the shard its id falls
+    to, whether it is valid or not, so that a shard can pass over another's rows by their id alone."""
+
+    reason: str
+    id: str | None
+
+
+SKIP = object()  # a row that another shard owns by its id: not mapped at all
+
+
+def _columns(source: FileSource | HFSource) -> dict[str, str]:
+    """Our field name -> the source's column name, for every field."""
+    return {f: source.columns.get(f, f) for f in FIELDS}
+
+
+def _map_row(
+    source: FileSource | HFSource,
+    name: str,
+    row: Any,
+    col: dict[str, str],
+    others: Callable[[str], bool] | None = None,
+) -> Problem | _Invalid | str | object:
+    """Turn one row into a Problem via the source's columns `col`, or say why it cannot be one; SKIP when
+    `others(id)` says the row's id is another shard's (a million-row source is then mostly passed over, not mapped)."""
     if not isinstance(row, dict):
         return f"row is not a JSON object (got {type(row).__name__})"
-    col = {f: source.columns.get(f, f) for f in FIELDS}
+    raw_id = row.get(col["id"])
+    known = None if raw_id in (None, "") else str(raw_id)
+    if known is not None and others is not None and others(known):
+        return SKIP
     if col["prompt"] not in row:
-        return f"missing field 'prompt' (column {col['prompt']!r})"
+        return _Invalid(f"missing field 'prompt' (column {col['prompt']!r})", known)
     prompt = row[col["prompt"]]
     if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
-        return "empty prompt"
+        return _Invalid("empty prompt", known)
     if not isinstance(prompt, str):
-        return f"prompt is not a string (column {col['prompt']!r}, got {type(prompt).__name__})"
+        return _Invalid(f"prompt is not a string (column {col['prompt']!r}, got {type(prompt).__name__})", known)
     reference = row.get(col["reference"])
     if reference is None:
         reference = ""
@@ -85,11 +114,10 @@ def _map_row(source: FileSource | HFSource, name: str, row: Any) -> Problem | st
     domain = row.get(col["domain"])
     domain = source.domain if domain in (None, "") else domain
     if domain not in DOMAINS:
-        return f"invalid domain {domain!r} (column {col['domain']!r}); expected one of {', '.join(DOMAINS)}"
-    raw_id = row.get(col["id"])
-    pid = stable_id(name, prompt, reference) if raw_id in (None, "") else str(raw_id)
-    mapped = set(col.values())
-    metadata = {k: _jsonable(v) for k, v in row.items() if k not in mapped}
+        reason = f"invalid domain {domain!r} (column {col['domain']!r}); expected one of {', '.join(DOMAINS)}"
+        return _Invalid(reason, known)
+    pid = stable_id(name, prompt, reference) if known is None else known
+    metadata = {k: _jsonable(v) for k, v in row.items() if k not in col.values()}
     return Problem(id=pid, source=name, domain=domain, prompt=prompt, reference=reference, metadata=metadata)
 
 
@@ -100,7 +128,17 @@ def _raw(row: Any) -> str:
     return json.dumps(row, default=str, ensure_ascii=False)
 
 
-def _file_items(source: FileSource, name: str, path: Path) -> Iterator[Row]:
+def _loads(text: str) -> Any:
+    """orjson where it can (several times faster); json where orjson refuses what json reads (integers past 64
+    bits), and for the exact error message of a line that is not JSON."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
+def _file_items(source: FileSource, name: str, path: Path, others=None) -> Iterator[Row]:
+    columns = _columns(source)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         with path.open("rb") as f:  # bytes, so one badly encoded line is a Reject, not a crash of the file
@@ -108,14 +146,14 @@ def _file_items(source: FileSource, name: str, path: Path) -> Iterator[Row]:
                 if not data.strip():
                     continue
                 try:
-                    row = json.loads(data.decode("utf-8"))
+                    row = _loads(data.decode("utf-8"))
                 except UnicodeDecodeError as e:
                     yield n, data, f"invalid UTF-8: {e}"
                     continue
                 except json.JSONDecodeError as e:
                     yield n, data, f"invalid JSON: {e}"
                     continue
-                yield n, data, _map_row(source, name, row)
+                yield n, data, _map_row(source, name, row, columns, others)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -123,7 +161,7 @@ def _file_items(source: FileSource, name: str, path: Path) -> Iterator[Row]:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
             for row in batch.to_pylist():
                 n += 1
-                yield n, row, _map_row(source, name, row)
+                yield n, row, _map_row(source, name, row, columns, others)
     else:
         raise ValueError(f"source {source.path!r}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
 
@@ -140,7 +178,8 @@ def load_local_dataset(path: Path):
     return datasets.load_dataset(str(path))
 
 
-def _hf_items(source: HFSource, name: str, path: Path) -> Iterator[Row]:
+def _hf_items(source: HFSource, name: str, path: Path, others=None) -> Iterator[Row]:
+    columns = _columns(source)
     import datasets
 
     ds = load_local_dataset(path)
@@ -149,7 +188,7 @@ def _hf_items(source: HFSource, name: str, path: Path) -> Iterator[Row]:
             raise ValueError(f"source {source.path!r}: no split {source.split!r}; splits: {', '.join(ds)}")
         ds = ds[source.split]
     for n, row in enumerate(ds, 1):
-        yield n, row, _map_row(source, name, row)
+        yield n, row, _map_row(source, name, row, columns, others)
 
 
 def _gym_items(source: GymSource) -> Iterator[Item]:
@@ -212,7 +251,7 @@ def _humaneval_items(source: HumanEvalSource) -> Iterator[Item]:
         )
 
 
-def _items(source: SourceConfig, base_dir: Path) -> tuple[str, Iterator[Item]]:
+def _items(source: SourceConfig, base_dir: Path, others=None) -> tuple[str, Iterator[Item]]:
     if isinstance(source, GymSource):
         return source.name, _gym_items(source)
     if isinstance(source, HumanEvalSource):
@@ -221,7 +260,7 @@ def _items(source: SourceConfig, base_dir: Path) -> tuple[str, Iterator[Item]]:
     _check_domain(source)
     name = source.name or Path(source.path).stem
     reader = _file_items if isinstance(source, FileSource) else _hf_items
-    return name, ((str(path), *item) for item in reader(source, name, path))
+    return name, ((str(path), *item) for item in reader(source, name, path, others))
 
 
 def iter_problems(
@@ -241,9 +280,16 @@ def iter_problems(
     seen = {} if seen is None else seen
     limit = getattr(source, "limit", None)
     kept = 0
-    name, items = _items(source, base_dir)
+    # Without a limit, another shard's rows matter to no one here: passed over by their id, not mapped.
+    others = (lambda pid: not shard.owns(pid)) if limit is None and shard.count > 1 else None
+    name, items = _items(source, base_dir, others)
     for file, line, raw, result in items:
-        key = id_hash(result.id if isinstance(result, Problem) else f"{file}:{line}")
+        if result is SKIP:
+            continue
+        if isinstance(result, _Invalid):
+            key, result = id_hash(result.id if result.id is not None else f"{file}:{line}"), result.reason
+        else:
+            key = id_hash(result.id if isinstance(result, Problem) else f"{file}:{line}")
         mine = shard.owns_hash(key)
         if isinstance(result, Problem) and key in seen:
             first_file, first_line = seen[key] or (file, 0)

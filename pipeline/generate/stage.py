@@ -28,7 +28,8 @@ from pathlib import Path
 import yaml
 
 from pipeline.config_base import RecipeError
-from pipeline.executor import Executor, Shard, Worker, make_executor
+from pipeline.executor import Executor, Shard, Worker
+from pipeline.executor_config import make_executor
 from pipeline.generate.config import GenerateConfig, TeacherConfig
 from pipeline.generate.progress import GenerationProgress
 from pipeline.generate.render import Renderer

@@ -285,3 +285,34 @@ def test_resuming_a_generation_after_a_row_was_edited_under_its_id_is_refused(tm
         with pytest.raises(RecipeError, match=r"problem q1 changed since it was generated"):
             generate(recipe, quiet=True)
         assert server.chat_calls == 3
+
+
+def test_shards_stream_disjoint_problems_and_rejects_whose_union_is_the_whole_source(tmp_path):
+    from pipeline.executor import Shard
+    from pipeline.generate.sources import stream_problems
+
+    lines = [json.dumps({"id": f"q{i}", "prompt": f"{i}+{i}?", "reference": str(2 * i)}) for i in range(40)]
+    lines += [json.dumps({"id": f"bad{i}", "prompt": ""}) for i in range(10)]  # invalid, with an id
+    lines += ["{not json"] * 5 + [
+        json.dumps({"prompt": f"no id {i}"}) for i in range(5)
+    ]  # without an id: 5 bad, 5 good
+    lines += [json.dumps({"id": "q3", "prompt": "again", "reference": "6"})]  # a duplicate id
+    write_jsonl(tmp_path / "s.jsonl", lines)
+    # (problems, rejects) of the whole source: with a limit of 30 the stream ends before the bad rows
+    for source, counts in (
+        (FileSource(path="s.jsonl"), (40 + 5, 10 + 5 + 1)),
+        (FileSource(path="s.jsonl", limit=30), (30, 0)),
+    ):
+        whole_rejects: list = []
+        whole = [p.id for p in stream_problems([source], tmp_path, whole_rejects)]
+        ids, rejects = [], []
+        for index in range(3):
+            shard_rejects: list = []
+            mine = [p.id for p in stream_problems([source], tmp_path, shard_rejects, Shard(index, 3))]
+            assert all(Shard(index, 3).owns(i) for i in mine)
+            ids += mine
+            rejects += shard_rejects
+        assert sorted(ids) == sorted(whole) and len(ids) == len(set(ids))
+        key = sorted((r.line, r.reason) for r in rejects)
+        assert key == sorted((r.line, r.reason) for r in whole_rejects), "a reject lost or reported twice"
+        assert (len(whole), len(whole_rejects)) == counts
