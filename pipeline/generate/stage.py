@@ -217,14 +217,14 @@ def generate_shard(
         too_long_before = read_ledger(run_dir / TOO_LONG_DIR, shard)
         renderer = Renderer(recipe.templates, recipe.system_prompt, Path(recipe.base_dir))
         rejects: list[Reject] = []
-        seen = Counter()
+        tally: Counter[str] = Counter()  # problems of the shard streamed, and of those already done
         in_flight: dict[str, tuple[Problem, list[dict]]] = {}
 
         def requests() -> Iterator[TeacherRequest]:
             for problem in stream_problems(recipe.sources, Path(recipe.base_dir), rejects, shard):
-                seen["problems"] += 1
+                tally["problems"] += 1
                 if problem.id in done:
-                    seen["resumed"] += 1
+                    tally["resumed"] += 1
                     stored = done[problem.id]
                     if stored is not None and stored != problem_digest(problem):
                         # an edited row that kept its id: its old rows answer another problem
@@ -234,7 +234,7 @@ def generate_shard(
                         )
                     continue
                 if problem.id in too_long_before:
-                    seen["resumed"] += 1
+                    tally["resumed"] += 1
                     continue
                 messages = renderer.messages(problem)
                 in_flight[problem.id] = (problem, messages)
@@ -291,8 +291,8 @@ def generate_shard(
     retries.subtract(retries_before)  # a worker's teacher counts over every shard it served: this shard's share
     return ShardResult(
         label=shard.label,
-        problems=seen["problems"],
-        resumed=seen["resumed"],
+        problems=tally["problems"],
+        resumed=tally["resumed"],
         complete=len(done) + counts["answered"],  # answered ones were not in the ledger
         too_long_total=counts["rejected_too_long"] + len(too_long_before),
         rejected_rows=len(rejects),

@@ -23,7 +23,7 @@ import pytest
 import ray
 
 from pipeline.config_base import RecipeError
-from pipeline.executor import Shard
+from pipeline.executor import LocalExecutor, Shard
 from pipeline.ray_executor import RayExecutor, local_cluster_options
 from tests.conftest import ROOT
 
@@ -214,3 +214,31 @@ def test_a_cluster_the_executor_started_is_shut_down_after_a_run_and_on_ctrl_c(t
     assert "KeyboardInterrupt" in err and driver.returncode != 0
     assert actors <= {c.pid for c in children}
     wait_for(lambda: all(gone(c.pid) for c in children), "every Ray process of the driver to exit")
+
+
+def test_verify_runs_on_ray_actors_as_it_runs_here(tmp_path):
+    """`distill verify` on the recipe's executor: each actor verifies its shards' raw parts, with verifiers kept
+    between its shards; the verdicts are those of a verify in this process."""
+    from pipeline.config import load_recipe
+    from pipeline.generate.stage import generate
+    from pipeline.verify.stage import verify_run
+    from tests.fake_openai import FakeOpenAIServer, Reply
+    from tests.pipeline.generate.test_generate import write_recipe
+
+    problems = [(f"What is {i} + {i}?", str(2 * i)) for i in range(1, 9)]
+
+    def answer(body: dict) -> Reply:  # right for the even problems only
+        a = int(body["messages"][-1]["content"].split("What is ")[1].split(" +")[0])
+        return Reply(content=f"\\boxed{{{2 * a + a % 2}}}")
+
+    with FakeOpenAIServer(answer) as server:
+        recipe = load_recipe(write_recipe(tmp_path, server.url, "v", problems=problems, output={"part_rows": 4}))
+        generate(recipe, quiet=True, executor=LocalExecutor(shards=2))
+    here = verify_run(recipe.run_dir, recipe.verify, quiet=True, executor=LocalExecutor(shards=2))
+    for part in (recipe.run_dir / "verified").glob("*.parquet"):
+        part.unlink()
+    on_ray = verify_run(recipe.run_dir, recipe.verify, quiet=True, executor=RayExecutor(shards(2), workers=2))
+    assert on_ray["parts_verified"] == here["parts_verified"] == here["parts"] >= 2
+    for key in ("rows", "passed", "failed", "reasons"):
+        assert on_ray[key] == here[key], key
+    assert here["passed"] == 2 * 4 and here["rows"] == 2 * 8  # n=2 samples of 8 problems, the 4 even ones right
