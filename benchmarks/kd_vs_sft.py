@@ -9,6 +9,14 @@ problems held out as the test split), and both students are trained by the real 
 rate, batch and steps. They are sampled from the teacher's own distribution (temperature 1, no top_p): only then is
 the held-out loss E[-log q(y)] = H(teacher) + KL(teacher || student), the quantity distillation aims at.
 `--sample-temperature 0.6` measures on DeepSeek-R1-style sharpened samples instead.
+
+    .venv/bin/python benchmarks/kd_vs_sft.py --kd-source stored   # sparse KD from the top-20 stored at generation
+
+`--kd-source stored` (issue 14): the teacher answers through the real `distill generate` (in-process vLLM, n=1 at
+temperature 1, `sampling.teacher_topk: 20`), its raw rows are marked passed and built by `distill build`, and the same
+pruned student trains twice on exactly the teacher's token ids: `kd_source: stored` with kd_alpha 0 (cross-entropy
+only) and with kd_alpha 0.5 (the stored top-20, T 1). The measure is the held-out KL(teacher || student) per
+completion token on the test split, over the full vocabulary with the teacher loaded, on the teacher's own tokens.
 """
 
 from __future__ import annotations
@@ -121,6 +129,91 @@ def _distill(*args: str) -> None:
         raise RuntimeError(f"distill {' '.join(args)} failed:\n{done.stderr[-3000:]}")
 
 
+def generate_with_topk(run_dir: Path, questions: list[str], max_new_tokens: int, topk: int) -> Path:
+    """`distill generate` with the teacher's top-k kept, then every row marked passed and `distill build`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    source = run_dir / "questions.jsonl"
+    source.write_text("".join(json.dumps({"id": f"q{i}", "prompt": q}) + "\n" for i, q in enumerate(questions)))
+    recipe = {
+        "name": "kd-stored",
+        "sources": [{"type": "file", "path": str(source), "name": "kd-benchmark", "domain": "text"}],
+        "sampling": {"n": 1, "temperature": 1.0, "top_p": 1.0, "max_tokens": max_new_tokens, "teacher_topk": topk},
+        "output": {"runs_dir": str(run_dir)},
+    }
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    _distill("generate", str(run_dir / "recipe.yaml"), "--no-verify", "-q")
+    run = run_dir / "kd-stored"
+    (run / "verified").mkdir(exist_ok=True)
+    for part in sorted((run / "raw").glob("part-*.parquet")):
+        table = pq.read_table(part)
+        n = table.num_rows
+        verdicts = {
+            "verifier": ["text"] * n,
+            "status": ["passed"] * n,
+            "passed": [True] * n,
+            "reason": ["teacher_completion"] * n,  # this compares fitting the teacher, not truth
+            "verdict_detail": ["{}"] * n,
+            "failed_filters": [[]] * n,
+            "verify_hash": [""] * n,
+        }
+        for name, values in verdicts.items():
+            field = VERIFIED_SCHEMA.field(name)
+            table = table.append_column(field, pa.array(values, field.type))
+        pq.write_table(table.select(VERIFIED_SCHEMA.names), run / "verified" / part.name)
+    build(run, BuildConfig(near_dup_threshold=None, exact_dedup=False, test_fraction=0.25), base_dir=run)
+    return run / "dataset"
+
+
+@torch.no_grad()
+def heldout_kl(student: str, dataset: str, batch_size: int = 8) -> float:
+    """Mean KL(teacher || student) per completion token of the test split, on the teacher's own token ids, over the
+    full vocabulary (the teacher loaded here, at T 1)."""
+    import torch.nn.functional as F
+
+    from sft.data import load_split, tokenize_split
+
+    teacher_path = resolve_model(EMBEDDED_ALIAS).path
+    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    rows = tokenize_split(load_split(dataset, "test"), tokenizer, None, False, teacher_tokens=True).rows
+    models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in (teacher_path, student)]
+    total, count = 0.0, 0
+    for row_ids, mask in zip(rows["input_ids"], rows["completion_mask"], strict=True):
+        ids = torch.tensor([row_ids])
+        keep = torch.tensor(mask[1:], dtype=torch.bool)
+        teacher, student_logits = (m(input_ids=ids).logits[0, :-1][keep] for m in models)
+        vocab = min(teacher.shape[-1], student_logits.shape[-1])
+        log_p = F.log_softmax(teacher[:, :vocab], -1)
+        log_q = F.log_softmax(student_logits[:, :vocab], -1)
+        total += (log_p.exp() * (log_p - log_q)).sum().item()
+        count += int(keep.sum())
+    return total / max(count, 1)
+
+
+def run_stored(workdir: Path, problems: int, steps: int, layers: int, max_new_tokens: int, batch: int) -> dict:
+    started = time.monotonic()
+    shutil.rmtree(workdir, ignore_errors=True)
+    dataset = generate_with_topk(workdir / "runs", _questions(problems), max_new_tokens, topk=20)
+    student = workdir / f"student-{layers}"
+    _distill("student", "init", "--from", EMBEDDED_ALIAS, "--layers", str(layers), "--output", str(student))
+    common = ["sft", "--config", "recipes/sft/demo-cpu.yaml", "--dataset", str(dataset)]
+    common += ["--model_name_or_path", str(student), "--use_peft", "false", "--merge_lora", "false"]
+    common += ["--weighted_loss", "false", "--learning_rate", "3e-4", "--max_steps", str(steps)]
+    common += ["--per_device_train_batch_size", str(batch), "--save_strategy", "no", "--seed", "0"]
+    common += ["--kd_source", "stored", "--kd_temperature_schedule", "constant", "--kd_temperature_start", "1"]
+    stats = json.loads((dataset / "stats.json").read_text())
+    results = {"problems": problems, "steps": steps, "layers": layers, "teacher_topk": stats.get("teacher_topk")}
+    results["before"] = heldout_kl(str(student), str(dataset))
+    for name, alpha in (("ce", "0"), ("stored_kd", "0.5")):
+        _distill(*common, "--output_dir", str(workdir / name), "--kd_alpha", alpha)
+        results[name] = heldout_kl(str(workdir / name), str(dataset))
+    results["seconds"] = round(time.monotonic() - started, 1)
+    return results
+
+
 def run(
     workdir: Path,
     problems: int = 160,
@@ -163,7 +256,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-kd")
+    parser.add_argument("--kd-source", choices=["model", "stored"], default="model")
     args = parser.parse_args()
+    if args.kd_source == "stored":
+        r = run_stored(args.workdir, args.problems, args.steps, args.layers, args.max_new_tokens, args.batch)
+        print(json.dumps(r, indent=2))
+        print(
+            f"held-out KL(teacher || student) per completion token: pruned student untrained {r['before']:.3f}, "
+            f"CE only {r['ce']:.3f}, stored top-20 KD {r['stored_kd']:.3f}; KD/CE = {r['stored_kd'] / r['ce']:.3f}"
+        )
+        return
     r = run(
         args.workdir, args.problems, args.steps, args.layers, args.max_new_tokens, args.sample_temperature, args.batch
     )

@@ -7,12 +7,18 @@ Each model's answers are a generation run of the generate stage (OUTPUT/generati
 templates, backends and verifiers), so an interrupted evaluation resumes, and re-running it makes no model call.
 The folder name carries a hash of the weights and sampling: a retrained model is evaluated afresh, never mixed with
 the answers of its earlier weights.
+
+Each model is generated, verified and measured in a process of its own (`eval.worker`): vLLM does not give GPU
+memory back between engines of one process, so the next model starts on a clean GPU. Which process ran each model,
+and how it ended, is report.json's `workers`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -22,6 +28,7 @@ from eval.config import EvalConfig, model_label
 from eval.metrics import ModelRun, Sample, percentile
 from eval.report import build_report, write_report
 from eval.resources import PeakMemory, kv_bytes_per_token, parameter_count, size_on_disk
+from eval.worker import run_in_process
 from pipeline.build.weighting import ANSWER_DOMAINS
 from pipeline.config import Recipe
 from pipeline.generate.config import OutputConfig, SamplingConfig
@@ -154,16 +161,30 @@ def evaluate_model(spec: str, benchmarks: list[Benchmark], cfg: EvalConfig, quie
     return run
 
 
-def evaluate(cfg: EvalConfig, quiet: bool = False) -> dict:
-    """Evaluate every model on every benchmark; writes and returns the report (report.json's content)."""
+def evaluate(cfg: EvalConfig, quiet: bool = False, isolate: bool = True) -> dict:
+    """Evaluate every model on every benchmark; writes and returns the report (report.json's content).
+
+    `isolate` False evaluates the models in this process, one engine after another (a debugger can follow them;
+    on a GPU the later models then share it with what the earlier ones left)."""
     output = Path(cfg.output)
     benchmarks, rejects = freeze(cfg, output / "benchmarks")
     write_atomic_bytes(
         output / "benchmarks" / "rejects.jsonl",
         "".join(json.dumps(r.__dict__) + "\n" for r in rejects).encode(),
     )
-    runs = [evaluate_model(spec, benchmarks, cfg, quiet) for spec in cfg.models]
+    runs, workers = [], {}
+    for spec in cfg.models:
+        if not isolate:
+            runs.append(evaluate_model(spec, benchmarks, cfg, quiet))
+            continue
+        label = model_label(spec)[0]
+        run, ended = run_in_process(evaluate_model, spec, benchmarks, cfg, quiet, name=f"eval worker of {label}")
+        runs.append(run)
+        workers[label] = ended.to_dict()
+        if not quiet:
+            print(f"distill eval: {label} ran in process {ended.pid} ({ended.seconds:.0f} s)", file=sys.stderr)
     report = build_report(cfg, benchmarks, runs, VOTING_DOMAINS)
+    report["workers"] = {"parent_pid": os.getpid(), "models": workers}
     report["rejected_rows"] = len(rejects)
     report["output"] = str(output)
     write_report(report, output)

@@ -95,6 +95,12 @@ class Col:
     MEAN_TOKEN_ENTROPY = "mean_token_entropy"
     ENTROPY_TOP_K = "entropy_top_k"
     LATENCY_S = "latency_s"
+    # Sparse KD (`sampling.teacher_topk: K`; all null when K = 0): the teacher's own sampled token ids of the
+    # completion, and its K most likely tokens at each of those positions, flattened row-major [tokens x K].
+    COMPLETION_TOKEN_IDS = "completion_token_ids"
+    TOPK_TOKEN_IDS = "topk_token_ids"
+    TOPK_LOGPROBS = "topk_logprobs"
+    TEACHER_TOPK = "teacher_topk"
     # Provenance.
     TEACHER = "teacher"
     TEACHER_REVISION = "teacher_revision"
@@ -134,6 +140,23 @@ def content_digest(domain: str, prompt: str, reference: str, metadata_json: str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# Sparse KD columns (`sampling.teacher_topk: K`), null in every row generated with K = 0. For a row of T completion
+# tokens: `completion_token_ids` holds the T token ids the teacher sampled, in order, the final end-of-turn token
+# included when the engine stopped on it (vLLM returns it in token_ids but not in the text); `topk_token_ids` and
+# `topk_logprobs` hold T x K values, row-major (position t's K ids are [t*K, (t+1)*K)), most likely first: the ids and
+# natural-log probabilities of the teacher's own distribution at temperature 1 (vLLM's raw_logprobs: before
+# temperature, top-p and any logits processor), so log-probs are <= 0 and sort descending within each position.
+# The sampled token need not be among them (a temperature above 0 may sample outside the top K). Log-probs are
+# float16 (2 bytes; about 5e-4 relative error, so 0.005 at logprob -10), half the bytes of float32 on disk.
+TOPK_LOGPROB_TYPE = pa.float16()
+TOPK_FIELDS = [
+    pa.field(Col.COMPLETION_TOKEN_IDS, pa.list_(pa.int32())),
+    pa.field(Col.TOPK_TOKEN_IDS, pa.list_(pa.int32())),
+    pa.field(Col.TOPK_LOGPROBS, pa.list_(TOPK_LOGPROB_TYPE)),
+    pa.field(Col.TEACHER_TOPK, pa.int32()),  # K of this row, so the flattened layout is self-describing
+]
+TOPK_COLUMNS = tuple(f.name for f in TOPK_FIELDS)
+
 RAW_SCHEMA = pa.schema(
     [
         (Col.PROBLEM_ID, pa.string()),
@@ -162,6 +185,7 @@ RAW_SCHEMA = pa.schema(
         (Col.SAMPLING_HASH, pa.string()),
         (Col.CONFIG_HASH, pa.string()),
         (Col.CREATED_AT, pa.timestamp("ms", tz="UTC")),
+        *TOPK_FIELDS,  # last: the bulk of a row's bytes when present
     ]
 )
 
@@ -206,6 +230,7 @@ DATASET_SCHEMA = pa.schema(
         (Col.SAMPLING, pa.string()),  # JSON
         (Col.SAMPLE_INDEX, pa.int32()),
         (Col.CONFIG_HASH, pa.string()),
+        *TOPK_FIELDS,  # sparse KD: the assistant turn as the teacher's token ids, with its top-k (see TOPK_FIELDS)
     ]
 )
 

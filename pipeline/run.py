@@ -12,14 +12,26 @@ texts, the teacher's revision); when they differ from the generation in RUN, the
 RUN-HASH named by them and RUN is kept untouched, since its rows answer other problems or settings. A student folder
 trained under other inputs is moved aside, never resumed from and never deleted. Every decision is a line of
 RUN/run.log.
+
+SFT runs as a process of its own (`distill sft --config RUN/sft.yaml`, or `accelerate launch --config_file X` of it
+when the recipe names an `accelerate_config`), so it can train on all of a node's GPUs and leaves eval a clean one.
+Its stderr passes through and its exit code decides: a failure stops the run with the child's last error line in
+run.log. The child has a process group of its own, so that only the run decides when it stops: an interrupt of the
+run (Ctrl-C, SIGTERM) is passed to it as SIGTERM, and what is left of its group (accelerate's workers too) after
+SFT_GRACE_S is killed.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import os
+import shlex
+import signal
+import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,6 +71,11 @@ class RunRecipe(Recipe):
         description="`distill eval` fields; models (teacher, student before and after), output and "
         "exclude_prompts_from are set by the run, max_tokens defaults to sampling.max_tokens",
     )
+    accelerate_config: str | None = Field(
+        None,
+        description="an `accelerate config` file (relative to the recipe): SFT is started by `accelerate launch "
+        "--config_file` with it (all its GPUs and processes); default: one `distill sft` process",
+    )
 
     @model_validator(mode="after")
     def _eval_seeds_disjoint(self) -> RunRecipe:
@@ -82,7 +99,13 @@ def load_run_recipe(path: Path, overrides: list[str] = ()) -> RunRecipe:
         unknown = sorted(set(recipe.sft) - known)
         if unknown:
             raise RecipeError(f"run recipe {path}: unknown sft field(s) {', '.join(unknown)} (see distill sft --help)")
+    if recipe.accelerate_config is not None and not _accelerate_config(recipe).is_file():
+        raise RecipeError(f"run recipe {path}: accelerate_config {_accelerate_config(recipe)} is not a file")
     return recipe
+
+
+def _accelerate_config(recipe: RunRecipe) -> Path:
+    return Path(recipe.base_dir) / recipe.accelerate_config
 
 
 def _folders(recipe: RunRecipe) -> dict[str, Path]:
@@ -153,8 +176,18 @@ def _generate_inputs(recipe: RunRecipe) -> dict[str, Any]:
         # What the teacher is, not how it is served: more concurrency must not retrain the student.
         "teacher": {"model": recipe.teacher.model, "revision": teacher.revision},
         # Entropies measured on two distributions must not share a run (as generate's own fingerprint says).
-        "logprobs_mode": logprobs_mode(recipe.teacher.backend) if recipe.sampling.logprobs else None,
+        "logprobs_mode": logprobs_mode(recipe.teacher.backend, recipe.sampling.teacher_topk)
+        if recipe.sampling.logprobs or recipe.sampling.teacher_topk
+        else None,
     }
+
+
+def _sft_inputs(recipe: RunRecipe) -> Any:
+    """The sft section, and the accelerate config's content when there is one: its process count sets the global
+    batch, its mixed precision and DeepSpeed stage the numbers, so another one trains another student."""
+    if recipe.accelerate_config is None:
+        return recipe.sft  # the hash of every run recipe without one stays what it was
+    return {"sft": recipe.sft, "accelerate_config": _accelerate_config(recipe).read_text()}
 
 
 def _stage_hashes(recipe: RunRecipe, generate_inputs: dict[str, Any] | None = None) -> dict[str, str]:
@@ -163,7 +196,7 @@ def _stage_hashes(recipe: RunRecipe, generate_inputs: dict[str, Any] | None = No
         "verify": verify_hash(recipe.verify),
         "build": recipe.build.model_dump(),
         "student": recipe.student.model_dump() if recipe.student else None,
-        "sft": recipe.sft,
+        "sft": _sft_inputs(recipe),
         "eval": _eval_fields(recipe) if recipe.eval is not None else None,
     }
     hashes: dict[str, str] = {}
@@ -188,7 +221,7 @@ def _stages(recipe: RunRecipe) -> list[str]:
     return stages
 
 
-def _run_stage(stage: str, recipe: RunRecipe, quiet: bool) -> str | None:
+def _run_stage(stage: str, recipe: RunRecipe, quiet: bool, log: StageLog) -> str | None:
     """Run one stage; returns a reason the run cannot go on (infrastructure errors to retry), or None."""
     folders = _folders(recipe)
     if stage == "generate":
@@ -216,17 +249,103 @@ def _run_stage(stage: str, recipe: RunRecipe, quiet: bool) -> str | None:
             prune_layers(init.source or recipe.teacher.model, init.layers, folders["init"], strategy=init.strategy)
         return None
     if stage == "sft":
-        from sft.train import main as sft_main
-
         config = recipe.run_dir / "sft.yaml"
         write_atomic_bytes(config, yaml.safe_dump(_sft_fields(recipe), sort_keys=False).encode())
-        sft_main(["--config", str(config)])
+        _launch_sft(_sft_command(recipe, config), log)
         return None
     from eval.evaluate import evaluate
 
     report = evaluate(EvalConfig.model_validate(_eval_fields(recipe)), quiet=quiet)
     failed = {m: report["incomplete"][m] for m in report["needs_retry"]}
     return f"infrastructure errors in the evaluation: {failed}" if failed else None
+
+
+SFT_GRACE_S = 120.0  # for an interrupted SFT to finish the checkpoint it is saving and exit
+ERROR_TAIL_BYTES = 4096  # of the child's stderr, kept to name its error in run.log
+
+
+class StageFailed(RuntimeError):
+    """A stage's own process failed: the run stops (exit 2), the message carries the process's last error line."""
+
+
+def _sft_command(recipe: RunRecipe, config: Path) -> list[str]:
+    sft = ["-m", "pipeline.cli", "sft", "--config", str(config)]
+    if recipe.accelerate_config is None:
+        return [sys.executable, *sft]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(_accelerate_config(recipe)), *sft]
+
+
+class _Relay(threading.Thread):
+    """Copies a child's stderr to ours as it comes (progress bars included) and keeps its end."""
+
+    def __init__(self, stream):
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.tail = ""
+
+    def run(self) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while chunk := os.read(self.stream.fileno(), 65536):
+            text = decoder.decode(chunk)
+            self.tail = (self.tail + text)[-ERROR_TAIL_BYTES:]
+            try:
+                sys.stderr.write(text)
+                sys.stderr.flush()
+            except (OSError, ValueError):  # our stderr is gone (a closed pipe): keep draining, or the child blocks
+                pass
+
+    def last_error(self) -> str:
+        lines = [line.strip() for line in self.tail.replace("\r", "\n").splitlines() if line.strip()]
+        return lines[-1] if lines else "(nothing on stderr)"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member we may not signal: still there
+        return True
+    return True
+
+
+def _stop_group(process: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM to the child (`distill sft` turns it into an interrupt; accelerate's and torchrun's launchers pass it
+    to their workers, once), then SIGKILL to whatever of its process group is left after `grace_s`."""
+    pgid = process.pid
+    if process.poll() is None:
+        process.terminate()
+    deadline = time.monotonic() + grace_s
+    try:
+        while _group_alive(pgid) and time.monotonic() < deadline:  # a launcher can end before its workers
+            process.poll()  # reaps the child: a zombie would keep the group alive
+            time.sleep(0.2)
+    finally:  # a second interrupt does not wait any longer
+        if _group_alive(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+        process.wait()
+
+
+def _launch_sft(command: list[str], log: StageLog, grace_s: float = SFT_GRACE_S) -> None:
+    """Run SFT in its own process group, so that only this process decides when it is interrupted."""
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, process_group=0)
+    relay = _Relay(process.stderr)
+    relay.start()
+    try:
+        log("sft", f"training in process {process.pid}: {shlex.join(command)}")
+        code = process.wait()
+    except BaseException:  # Ctrl-C, SIGTERM (raised as KeyboardInterrupt by `distill`), anything: no orphan
+        _stop_group(process, grace_s)
+        raise
+    finally:
+        relay.join(5)  # the pipe closes when the last writer ends; a worker left holding it is not waited for
+    if _group_alive(process.pid):  # the launcher exited and left workers: they must not outlive the stage
+        _stop_group(process, grace_s)
+    if code == 130 or code == -signal.SIGINT:  # interrupted from outside this run (e.g. its own terminal group)
+        raise KeyboardInterrupt(f"distill sft (process {process.pid}) was interrupted")
+    if code != 0:
+        raise StageFailed(f"distill sft (process {process.pid}) exited with code {code}: {relay.last_error()}")
+    log("sft", f"process {process.pid} exited with code 0")
 
 
 def _set_aside(stage: str, recipe: RunRecipe, old_hash: str, log: StageLog) -> None:
@@ -281,9 +400,12 @@ def run(recipe: RunRecipe, quiet: bool = False) -> int:
         state = {"stage": stage, "hash": hashes[stage], "status": "running"}
         write_atomic_bytes(state_file, json.dumps(state).encode())
         try:
-            problem = _run_stage(stage, recipe, quiet)
+            problem = _run_stage(stage, recipe, quiet, log)
         except KeyboardInterrupt:
             log(stage, f"interrupted after {time.monotonic() - started:.0f} s; run the same command to resume")
+            raise
+        except StageFailed as e:
+            log(stage, f"failed after {time.monotonic() - started:.0f} s: {e}")
             raise
         seconds = time.monotonic() - started
         if problem:

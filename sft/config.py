@@ -45,8 +45,30 @@ class DistillArguments:
             "KL(teacher_T || student_T) + (1 - kd_alpha) * cross-entropy."
         },
     )
+    kd_source: str = field(
+        default="model",
+        metadata={
+            "help": "Where the teacher's distribution comes from: `model` loads teacher_model_name_or_path beside the "
+            "student (full vocabulary); `stored` reads the top-k log-probs the served teacher returned at generation "
+            "(`sampling.teacher_topk`), with no teacher loaded, and trains on the teacher's own sampled token ids.",
+            "choices": ["model", "stored"],
+        },
+    )
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Positions per chunk of the memory-bounded loss (the lm_head is applied one chunk at a time); "
+            "default: sized by the vocabulary (sft/losses.py)."
+        },
+    )
     kd_alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term; 1 - kd_alpha weighs the CE."})
-    kd_temperature_start: float = field(default=5.0, metadata={"help": "Distillation temperature T at step 0."})
+    kd_temperature_start: float | None = field(
+        default=None,
+        metadata={
+            "help": "Distillation temperature T at step 0 (default 5; 1 with kd_source=stored: the stored top-k is "
+            "the teacher at T 1, and at T > 1 the tail it lacks would hold most of the teacher's mass)."
+        },
+    )
     kd_temperature_end: float = field(default=1.0, metadata={"help": "Distillation temperature T at the last step."})
     kd_temperature_schedule: str = field(
         default="linear",
@@ -67,7 +89,11 @@ class DistillArguments:
             raise ValueError(
                 f"kd_temperature_schedule must be linear, cosine or constant: {self.kd_temperature_schedule}"
             )
+        if self.kd_source not in ("model", "stored"):
+            raise ValueError(f"kd_source must be 'model' or 'stored', got {self.kd_source!r}")
         if not 0 <= self.kd_alpha <= 1:
             raise ValueError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}")
+        if self.kd_temperature_start is None:
+            self.kd_temperature_start = 1.0 if self.kd_source == "stored" else 5.0
         if min(self.kd_temperature_start, self.kd_temperature_end) <= 0:
             raise ValueError("distillation temperatures must be positive")

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 from collections import Counter
 
-from sft.data import TokenizedSplit
+from sft.data import TokenizedSplit, end_of_turn_id
 
 # Reasons that mean the recipe or the template is wrong, not the row: training stops.
 FATAL_REASONS = {
     "empty_loss_mask": "the chat template leaves no assistant tokens to train on",
     "template_prefix_mismatch": "the chat template renders the prompt differently once the answer follows it",
     "think_block_stripped": "the chat template removes the <think> block from the training text",
+    "no_teacher_topk": "the dataset has no stored top-k for these rows: kd_source=stored needs a run generated with "
+    "sampling.teacher_topk",
+    "teacher_tokenizer_mismatch": "the teacher's stored token ids decode to other text with the student's tokenizer: "
+    "sparse KD (kd_source=stored) needs a student that shares the teacher's tokenizer",
 }
-_MARKER = "\x00distill-answer\x00"
 
 
 class LintError(RuntimeError):
@@ -27,13 +30,8 @@ class LintError(RuntimeError):
 
 
 def end_of_turn_token(tokenizer) -> tuple[int, str]:
-    """The special token the chat template writes after an assistant answer (`<|im_end|>`, `<|eot_id|>`, ...)."""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "x"}, {"role": "assistant", "content": _MARKER}], tokenize=False
-    )
-    suffix_ids = tokenizer(text.split(_MARKER)[-1], add_special_tokens=False)["input_ids"]
-    special = set(tokenizer.all_special_ids)
-    token_id = next((i for i in suffix_ids if i in special), tokenizer.eos_token_id)
+    """The end-of-turn token's id and text."""
+    token_id = end_of_turn_id(tokenizer)
     return token_id, tokenizer.convert_ids_to_tokens(token_id)
 
 

@@ -145,6 +145,8 @@ def front_matter(dataset_dir: Path, stats: dict) -> dict:
 _ENTROPY_SOURCES = {
     "processed_logprobs": "the distribution each token was sampled from (vLLM's processed_logprobs: temperature "
     "and top-p applied)",
+    "raw_logprobs": "the teacher's own distribution at temperature 1 (vLLM's raw_logprobs, before temperature and "
+    "top-p: what a run with `sampling.teacher_topk` asks for, to distill from)",
     "endpoint": "the logprobs the teacher's endpoint returned: for a default `vllm serve`, raw_logprobs, the model's "
     "distribution before temperature and top-p (`--logprobs-mode processed_logprobs` gives the sampled one)",
 }
@@ -165,6 +167,22 @@ def entropy_note(dataset_dir: Path) -> str:
     return f"{what} of {sources}."
 
 
+def topk_note(stats: dict) -> str | None:
+    """What sparse KD's columns hold and cost, when the rows have them (`sampling.teacher_topk`)."""
+    topk = stats.get("teacher_topk")  # not a column: the stats of the top-k columns
+    if not topk:
+        return None
+    ks = ", ".join(str(k) for k in topk["k"])
+    cost = f"{topk['bytes_per_token']:.1f} bytes per completion token on disk"
+    total = f"{topk['bytes'] / 2**20:.1f} MiB for {_cell(topk['tokens'])} tokens"
+    return (
+        f"{_cell(topk['rows'])} rows carry the teacher's top-k for sparse distillation (K = {ks}): "
+        f"`{Col.COMPLETION_TOKEN_IDS}` (the teacher's sampled token ids of the assistant turn), "
+        f"`{Col.TOPK_TOKEN_IDS}` and `{Col.TOPK_LOGPROBS}` (flattened [tokens x K], most likely first; the "
+        f"teacher's raw log-probs at temperature 1, float16) and `{Col.TEACHER_TOPK}`; they take {cost} ({total})."
+    )
+
+
 def render_card(dataset_dir: Path, stats: dict, recipe_yaml: str) -> Path:
     dataset_dir = Path(dataset_dir)
     meta = front_matter(dataset_dir, stats)
@@ -180,6 +198,8 @@ def render_card(dataset_dir: Path, stats: dict, recipe_yaml: str) -> Path:
         f"{stats.get('kept', 0)} of {stats.get('rows_in', 0)} rows. Recipe hash `{stats.get('recipe_hash', '')}`.",
         entropy_note(dataset_dir),
     ]
+    if note := topk_note(stats):
+        parts.append(note)
     for title, header, rows in card_tables(stats):
         parts.append(f"## {title}\n\n" + (markdown_table(header, rows) if rows else "_none_"))
     if plots:

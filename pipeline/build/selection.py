@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline.build.config import BuildConfig
 from pipeline.build.dedup import Decontaminator, ExactDedup, NearDuplicatePrompts, load_eval_texts
 from pipeline.build.weighting import combine, normalized_entropy, pass_rate, problem_agreement, sample_weight
-from pipeline.records import DATA_FAULT, INFRA_ERROR, PASSED, THINK_CLOSE, THINK_OPEN, Col
+from pipeline.records import DATA_FAULT, INFRA_ERROR, PASSED, THINK_CLOSE, THINK_OPEN, TOPK_COLUMNS, Col
 
 THINK_TEMPLATE = f"{THINK_OPEN}\n{{reasoning}}\n{THINK_CLOSE}\n\n{{answer}}"
 
@@ -58,6 +58,7 @@ _CARRIED = (
     Col.SAMPLING,
     Col.SAMPLE_INDEX,
     Col.CONFIG_HASH,
+    *TOPK_COLUMNS,  # sparse KD; `distill build` attaches them as Arrow columns rather than through these dicts
 )
 
 

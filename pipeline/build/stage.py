@@ -8,6 +8,10 @@ selection (`selection.py`) into spill files, keeping per kept row only a sort ke
 lies; pass 2 routes rows into rank-range buckets of about 64 MB and writes the shards from them in order
 (`shards.py`), normalizing the weight to mean 1 on the way. Same inputs and seed, same dataset.
 
+Sparse KD's columns (records.TOPK_FIELDS: the teacher's token ids and top-k, tens of values per token) never become
+Python objects: the selection sees each part without them, and the kept rows get them back as Arrow columns taken
+by position, so a part costs its Arrow bytes, not ~60 bytes per value. Row groups are sized by bytes as well as rows.
+
 Every raw part must have a verified part judged under the build's verify settings: a `--no-verify` generate or an
 interrupted verify would otherwise leave problems out silently, and verdicts of old settings would mix in.
 The train/test split is decided per problem before selection, by a hash of its id: `test_problems.parquet` holds
@@ -38,9 +42,19 @@ from pipeline.build.selection import Selector, category
 from pipeline.build.shards import TEST_PROBLEMS, ShardWriter, file_entry, plan_shards, write_manifest
 from pipeline.build.weighting import pass_rate
 from pipeline.parts import _fsync_dir, closed_parts, update_stats, write_atomic_bytes
-from pipeline.records import DATASET_SCHEMA, FAILED, PASSED, TEST_PROBLEMS_SCHEMA, Col, fingerprint
+from pipeline.records import (
+    DATASET_SCHEMA,
+    FAILED,
+    PASSED,
+    TEST_PROBLEMS_SCHEMA,
+    TOPK_COLUMNS,
+    Col,
+    fingerprint,
+)
 
 BUCKET_BYTES = 64 * 2**20  # rows of one rank range, sorted in memory before they go to the shard writer
+GROUP_BYTES = 256 * 2**20  # a row group's size in memory at most (rows with top-k logprobs are ~1 MB each)
+GROUP_ROWS = 10_000
 FLUSH_BYTES = 64 * 2**20  # rows routed to buckets are buffered up to this much before being written
 _EXCLUSION_SCHEMA = pa.schema(
     [(Col.PROBLEM_ID, pa.string()), (Col.SAMPLE_INDEX, pa.int32()), (Col.REASON, pa.string())]
@@ -186,7 +200,10 @@ def _write_split(out: Path, work: Path, split: str, idx: np.ndarray, arrays, spi
     # Spills are zstd Parquet like the shards, so their size estimates the split's size on disk; in memory a row
     # takes a few times more, hence the factor for the buckets.
     total_bytes = sum(p.stat().st_size for p in spills) * len(idx) / max(1, len(arrays["key"]))
-    writer = ShardWriter(out, split, DATASET_SCHEMA, plan_shards(len(idx), int(total_bytes), cfg.shard_mb))
+    row_bytes = total_bytes * 3 / max(1, len(idx))  # in memory, as for the buckets
+    group_rows = max(1, min(GROUP_ROWS, int(GROUP_BYTES // max(1.0, row_bytes))))
+    plan = plan_shards(len(idx), int(total_bytes), cfg.shard_mb)
+    writer = ShardWriter(out, split, DATASET_SCHEMA, plan, group_rows=group_rows)
     n_buckets = max(1, math.ceil(total_bytes * 3 / BUCKET_BYTES))
     rank = np.full(len(arrays["key"]), -1, dtype=np.int64)
     rank[idx] = np.arange(len(idx))
@@ -228,6 +245,55 @@ def _write_split(out: Path, work: Path, split: str, idx: np.ndarray, arrays, spi
     if len(idx) == 0:
         writer.write(DATASET_SCHEMA.empty_table())
     return writer.close()
+
+
+def _with_topk(selected: pa.Table, rows: list[dict], heavy: pa.Table, part: Path) -> pa.Table:
+    """The kept rows with their sparse KD columns, taken by position from the part's own Arrow columns (a sample
+    is its (problem_id, sample_index), unique within a part); null columns where the part has none."""
+    if not heavy.num_columns or not selected.num_rows:
+        return selected
+    position: dict[tuple[str, int], int] = {}
+    for i, r in enumerate(rows):
+        key = (r[Col.PROBLEM_ID], r[Col.SAMPLE_INDEX])
+        if key in position:
+            raise RuntimeError(f"{part}: sample {key[1]} of problem {key[0]} appears twice")
+        position[key] = i
+    ids = selected[Col.PROBLEM_ID].to_pylist()
+    samples = selected[Col.SAMPLE_INDEX].to_pylist()
+    taken = heavy.take(pa.array([position[k] for k in zip(ids, samples, strict=True)], pa.int64()))
+    for name in heavy.column_names:
+        field = selected.schema.field(index := selected.schema.get_field_index(name))
+        selected = selected.set_column(index, field, taken[name].cast(field.type))
+    return selected
+
+
+def _topk_stats(shards: list[Path]) -> dict | None:
+    """K and the on-disk cost of sparse KD's columns in the written shards (compressed column chunks, from the
+    Parquet footers) per completion token of the rows that carry them; None when no row does."""
+    if not shards or Col.TEACHER_TOPK not in pq.read_schema(shards[0]).names:
+        return None
+    table = pq.read_table(shards, columns=[Col.TEACHER_TOPK, Col.COMPLETION_TOKEN_IDS])
+    ks = table[Col.TEACHER_TOPK].to_numpy(zero_copy_only=False)
+    with_topk = ~np.isnan(ks.astype(float))
+    if not with_topk.any():
+        return None
+    tokens = int(pc.sum(pc.list_value_length(table[Col.COMPLETION_TOKEN_IDS])).as_py() or 0)
+    stored = 0
+    for shard in shards:
+        meta = pq.read_metadata(shard)
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for c in range(group.num_columns):
+                column = group.column(c)
+                if column.path_in_schema.split(".")[0] in TOPK_COLUMNS:
+                    stored += column.total_compressed_size
+    return {
+        "k": sorted({int(k) for k in ks[with_topk]}),
+        "rows": int(with_topk.sum()),
+        "tokens": tokens,
+        "bytes": stored,
+        "bytes_per_token": stored / tokens if tokens else 0.0,
+    }
 
 
 def _known(values: np.ndarray) -> np.ndarray:
@@ -274,6 +340,7 @@ def _dataset_stats(out: Path, entries: list[dict], rows_in: int, drops: Counter,
         "pass_rate_by_domain": rate[Col.DOMAIN],
         "tokens": {k: _summary(col[k]) for k in (Col.COMPLETION_TOKENS, Col.PROMPT_TOKENS)},
         "histograms": {k: _histogram(col[k]) for k in (Col.COMPLETION_TOKENS, Col.WEIGHT)},
+        "teacher_topk": _topk_stats(shards),  # not a column: the stats of the top-k columns
     }
 
 
@@ -308,7 +375,10 @@ def build(
     test_problems = pq.ParquetWriter(work / TEST_PROBLEMS, TEST_PROBLEMS_SCHEMA) if cfg.test_fraction else None
     test_seen: set[str] = set()
     for i, part in enumerate(track(parts, description="build", disable=quiet)):
-        rows = pq.read_table(part).to_pylist()
+        table = pq.read_table(part)
+        heavy = table.select([c for c in TOPK_COLUMNS if c in table.column_names])
+        rows = table.drop_columns(heavy.column_names).to_pylist()
+        del table
         rows_in += len(rows)
         if test_problems:  # before selection: a test problem is one whatever its samples' verdicts
             records = _test_problems(rows, cfg, test_seen)
@@ -329,7 +399,8 @@ def build(
         categories = {r[Col.PROBLEM_ID]: category(r) for r in rows}
         kept.add(i, [r | {"_category": categories[r[Col.PROBLEM_ID]]} for r in selected], cfg)
         spill = work / f"spill-{i:05d}.parquet"
-        pq.write_table(pa.Table.from_pylist(selected, schema=DATASET_SCHEMA), spill, compression="zstd")
+        spilled = _with_topk(pa.Table.from_pylist(selected, schema=DATASET_SCHEMA), rows, heavy, part)
+        pq.write_table(spilled, spill, compression="zstd")
         spills.append(spill)
     exclusions.close()
     extra: dict = {"seed": cfg.seed}

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_serializer, field_validator, model_validator
+from pydantic import Field, SecretStr, field_serializer, field_validator, model_serializer, model_validator
 
 from pipeline.config_base import RecipeError, Strict
 from pipeline.executor_config import ExecutorConfig
@@ -86,6 +86,22 @@ class SamplingConfig(Strict):
         description="vllm/vllm-server: the engine's seed; openai: sent with each request. Engines we start get no "
         "per-request seed: vLLM's CPU build crashes on a seeded request whose prefill is split into chunks",
     )
+    teacher_topk: int = Field(
+        0,
+        ge=0,
+        le=20,
+        description="sparse KD: keep the sampled token ids and the teacher's K most likely tokens with their raw "
+        "(temperature 1) logprobs at every generated position (records.TOPK_FIELDS); 0: off",
+    )
+
+    @model_serializer(mode="wrap")
+    def _topk_only_when_on(self, handler):
+        """Off (0) is left out of every dump, so the sampling hash and run fingerprints of recipes written before
+        the field existed stay what they were; any K > 0 is part of the sampling (another K, another run)."""
+        dumped = handler(self)
+        if not self.teacher_topk:
+            dumped.pop("teacher_topk", None)
+        return dumped
 
 
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
@@ -116,8 +132,9 @@ ENGINE_KWARGS_OWNED = {
         )
     },
     "seed": "set sampling.seed instead",
-    "logprobs_mode": "the pipeline fixes it to processed_logprobs (entropy of the distribution sampled from)",
-    "max_logprobs": "the pipeline fixes it to 20, the bound of sampling.logprobs",
+    "logprobs_mode": "the pipeline fixes it to processed_logprobs (entropy of the distribution sampled from), or "
+    "to raw_logprobs with sampling.teacher_topk (the teacher's own distribution, for distillation)",
+    "max_logprobs": "the pipeline fixes it (20; 21 on the managed server, for teacher_topk K + 1)",
 }
 
 

@@ -30,6 +30,7 @@ import yaml
 from pipeline.config_base import RecipeError
 from pipeline.executor import Executor, Shard, Worker
 from pipeline.executor_config import make_executor
+from pipeline.generate.completion import Completion
 from pipeline.generate.config import GenerateConfig, TeacherConfig
 from pipeline.generate.progress import GenerationProgress
 from pipeline.generate.render import Renderer
@@ -47,20 +48,33 @@ from pipeline.parts import (
     update_stats,
     write_atomic_bytes,
 )
-from pipeline.records import THINK_CLOSE, THINK_OPEN, Problem, fingerprint, split_reasoning
+from pipeline.records import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    TOPK_COLUMNS,
+    TOPK_LOGPROB_TYPE,
+    Col,
+    Problem,
+    fingerprint,
+    split_reasoning,
+)
 
 
 def make_teacher(recipe: GenerateConfig, model: ResolvedModel, in_process: bool | None = None) -> Teacher:
     """The recipe's teacher backend; `in_process` (vllm): the engine's scheduler in this process (see Worker)."""
     cfg = recipe.teacher
+    mode = logprobs_mode(cfg.backend, recipe.sampling.teacher_topk)  # the engines we start: raw for sparse KD
     if cfg.backend == "vllm":
         from pipeline.generate.teacher.vllm_engine import VLLMEngineTeacher
 
-        return VLLMEngineTeacher(model, cfg, seed=recipe.sampling.seed, in_process=in_process or None)
+        return VLLMEngineTeacher(
+            model, cfg, seed=recipe.sampling.seed, in_process=in_process or None, logprobs_mode=mode
+        )
     if cfg.backend == "vllm-server":
         from pipeline.generate.teacher.vllm_server import VLLMServerTeacher
 
-        return VLLMServerTeacher(model, cfg, recipe.run_dir / "vllm-server.log", seed=recipe.sampling.seed)
+        log = recipe.run_dir / "vllm-server.log"
+        return VLLMServerTeacher(model, cfg, log, seed=recipe.sampling.seed, logprobs_mode=mode)
     from pipeline.generate.teacher.openai_client import OpenAITeacher
 
     return OpenAITeacher(cfg, served_model=model.name)
@@ -120,9 +134,23 @@ def _rows(problem: Problem, messages, result: TeacherResult, provenance: dict) -
                 "latency_s": result.latency_s,
                 "created_at": now,
                 **provenance,
+                **_topk_columns(c),
             }
         )
     return rows
+
+
+def _topk_columns(c: Completion) -> dict:
+    """Sparse KD's columns (records.TOPK_FIELDS), null without `sampling.teacher_topk`. Log-probs are rounded to
+    the stored type here, so the rows a part buffers take its bytes."""
+    if c.topk is None:
+        return dict.fromkeys(TOPK_COLUMNS)
+    return {
+        Col.COMPLETION_TOKEN_IDS: c.topk.token_ids,
+        Col.TOPK_TOKEN_IDS: c.topk.topk_ids,
+        Col.TOPK_LOGPROBS: c.topk.topk_logprobs.astype(TOPK_LOGPROB_TYPE.to_pandas_dtype()),
+        Col.TEACHER_TOPK: c.topk.k,
+    }
 
 
 def _too_long_row(problem: Problem, result: TeacherResult, config_hash: str) -> dict:
@@ -180,14 +208,14 @@ def prepare_run(recipe: GenerateConfig) -> PreparedRun:
     run_dir.mkdir(parents=True, exist_ok=True)
     renderer = Renderer(recipe.templates, recipe.system_prompt, Path(recipe.base_dir))
     model = resolve_model(recipe.teacher.model, recipe.teacher.revision)
-    entropy_from = logprobs_mode(recipe.teacher.backend)
+    entropy_from = logprobs_mode(recipe.teacher.backend, recipe.sampling.teacher_topk)
     settings = {
         "teacher": model.name,
         "teacher_revision": model.revision,
         "templates_hash": renderer.templates_hash(),
         "sampling": recipe.sampling.model_dump(),
     }
-    if recipe.sampling.logprobs:  # rows whose entropies come from two distributions must not mix
+    if recipe.sampling.logprobs or recipe.sampling.teacher_topk:  # rows of two distributions must not mix
         settings["logprobs_mode"] = entropy_from
     # Saved without `executor.shard`: one array task's shard is not the run's, and verify reads this recipe.
     resolved = recipe.model_dump(mode="json", exclude={"executor": {"shard"}})

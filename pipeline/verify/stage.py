@@ -33,6 +33,7 @@ from pipeline.records import (
     PASSED,
     THINK_CLOSE,
     THINK_OPEN,
+    TOPK_COLUMNS,
     VERDICT_FIELDS,
     VERIFIED_SCHEMA,
     fingerprint,
@@ -179,8 +180,16 @@ def verify_shard(run_dir: Path, cfg: VerifyConfig, shard: Shard, worker: Worker,
     verifiers = worker.keep(f"verifiers:{vhash}", partial(VerifierSet, cfg))
     with _progress(total, quiet) as progress:
         for part in todo:
-            rows = verify_rows(pq.read_table(part).to_pylist(), verifiers, cfg, vhash)
-            write_table_atomic(pa.Table.from_pylist(rows, schema=VERIFIED_SCHEMA), out_dir / part.name)
+            table = pq.read_table(part)
+            # The teacher's top-k (sparse KD) is most of a part's bytes and no verifier reads it: it stays Arrow
+            # (millions of floats per part as Python objects would be gigabytes) and is put back beside the verdicts.
+            heavy = [c for c in TOPK_COLUMNS if c in table.column_names]
+            rows = verify_rows(table.drop_columns(heavy).to_pylist(), verifiers, cfg, vhash)
+            light = pa.schema([f for f in VERIFIED_SCHEMA if f.name not in heavy])
+            verdicts = pa.Table.from_pylist(rows, schema=light)
+            for name in heavy:
+                verdicts = verdicts.append_column(VERIFIED_SCHEMA.field(name), table.column(name))
+            write_table_atomic(verdicts.select(VERIFIED_SCHEMA.names), out_dir / part.name)
             verified.extend(
                 {k: r[k] for k in ("status", "passed", "reason", "verifier", "failed_filters", "domain")} for r in rows
             )

@@ -1,4 +1,5 @@
-"""`distill eval` end to end on the embedded model through the real vLLM engine and verifiers."""
+"""`distill eval` end to end on the embedded model through the real vLLM engine and verifiers; each model in a process
+of its own."""
 
 import json
 import os
@@ -29,28 +30,52 @@ def distill_eval(output, *args, timeout=900):
     return json.loads((output / "report.json").read_text())
 
 
-def completions(output):
-    (run_dir,) = (output / "generations").iterdir()
+def completions(output, label="teacher"):
+    (run_dir,) = (output / "generations").glob(f"{label}-*")
     rows = ds.dataset(run_dir / "raw").to_table(columns=["problem_id", "sample_index", "completion"]).to_pylist()
     return {(r["problem_id"], r["sample_index"]): r["completion"] for r in rows}
 
 
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory):
-    """Two evaluations with seed 0 in separate folders (nothing shared), and one with seed 1."""
+    """Evaluations with seed 0 in separate folders (nothing shared), and one with seed 1. Evaluation b has three
+    models: the teacher, the same model again under another label (it used to run second in the process, after the
+    first engine), and a 2-layer student pruned from it."""
+    from sft.prune import prune_layers
+
     root = tmp_path_factory.mktemp("eval")
-    reports = {name: distill_eval(root / name, "--seed", seed) for name, seed in (("a", "0"), ("b", "0"), ("c", "1"))}
+    student = prune_layers(EMBEDDED_ALIAS, 2, root / "student")
+    three = ["--model", f"twin={EMBEDDED_ALIAS}", "--model", f"student={student}"]
+    reports = {name: distill_eval(root / name, "--seed", "0", *extra) for name, extra in (("a", []), ("b", three))}
+    reports["c"] = distill_eval(root / "c", "--seed", "1")
     return root, reports
 
 
 @pytest.mark.slow
 def test_the_same_model_and_seed_give_the_same_samples_and_pass_at_1(seeded):
     root, reports = seeded
-    assert reports["a"]["results"] == reports["b"]["results"]
-    first, second = completions(root / "a"), completions(root / "b")
-    assert len(first) == 15 and first == second
+    cs = "gym-chain_sum"
+    assert reports["b"]["results"][cs]["teacher"] == reports["a"]["results"][cs]["teacher"]
+    first = completions(root / "a")
+    assert len(first) == 15 and first == completions(root / "b")
+    # The second model of an evaluation answers as it would alone (it used to share the first one's process).
+    assert completions(root / "b", "twin") == first
+    twin = dict(reports["b"]["results"][cs]["twin"], retention=None)
+    assert twin == dict(reports["a"]["results"][cs]["teacher"], retention=None)
+    assert completions(root / "b", "student") != first  # its own model, not a copy of the teacher's answers
     # The seed is what fixes them: another seed samples other completions at temperature 0.6.
     assert completions(root / "c") != first
+
+
+@pytest.mark.slow
+def test_each_model_is_evaluated_in_a_process_of_its_own(seeded):
+    _, reports = seeded
+    workers = reports["b"]["workers"]
+    pids = {label: w["pid"] for label, w in workers["models"].items()}
+    assert list(pids) == ["teacher", "twin", "student"]
+    assert len(set(pids.values())) == 3 and workers["parent_pid"] not in pids.values()
+    assert {w["exitcode"] for w in workers["models"].values()} == {0}
+    assert reports["b"]["performance"]["student"]["parameters"] < reports["b"]["performance"]["teacher"]["parameters"]
 
 
 @pytest.mark.slow

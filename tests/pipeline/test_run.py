@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pyarrow.dataset as ds
 import pytest
 import yaml
@@ -15,7 +16,7 @@ from pipeline.config import load_recipe
 from pipeline.config_base import RecipeError
 from pipeline.models import EMBEDDED_ALIAS
 from pipeline.parts import PartWriter
-from pipeline.run import _stage_hashes, load_run_recipe
+from pipeline.run import _stage_hashes, load_run_recipe, run
 from tests.conftest import ROOT, sigint_as_in_a_terminal
 
 EASY = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
@@ -130,6 +131,12 @@ def wait_for(condition, process, timeout_s):
         time.sleep(0.2)
 
 
+def sft_processes(run_dir) -> list[int]:
+    """The SFT processes `distill run` started, as its log names them."""
+    lines = [x for x in (run_dir / "run.log").read_text().splitlines() if "[sft] training in process " in x]
+    return [int(x.split("[sft] training in process ")[1].split(":")[0]) for x in lines]
+
+
 def raw_parts(run_dir):
     return {p.name: p.stat().st_mtime_ns for p in (run_dir / "raw").glob("part-*.parquet")}
 
@@ -141,9 +148,13 @@ def test_an_interrupted_sft_resumes_from_its_checkpoint_without_regenerating(tmp
     student = run_dir / "student"
     first = distill_run(launched, config)
     wait_for(lambda: (student / "checkpoint-4" / "trainer_state.json").exists(), first, timeout_s=900)
-    first.send_signal(signal.SIGINT)
-    out = first.communicate(timeout=120)[0]
+    (trainer,) = sft_processes(run_dir)
+    assert trainer != first.pid  # SFT trains in a process of its own
+    first.send_signal(signal.SIGINT)  # to `distill run` alone: it must stop its SFT process
+    out = first.communicate(timeout=200)[0]
     assert first.returncode == 130, out[-3000:]
+    assert not psutil.pid_exists(trainer) or psutil.Process(trainer).status() == psutil.STATUS_ZOMBIE
+    assert "distill sft: interrupted" in out  # the child got the interrupt and stopped as it does in a terminal
     assert json.loads((run_dir / "stages" / "sft.json").read_text())["status"] == "running"
     parts_before = raw_parts(run_dir)
     assert parts_before
@@ -155,6 +166,8 @@ def test_an_interrupted_sft_resumes_from_its_checkpoint_without_regenerating(tmp
     for stage in ("generate", "verify", "build", "student"):
         assert f"[{stage}] skipped: complete and inputs unchanged" in log.split("[run] recipe tiny")[-1]
     assert "[sft] interrupted after" in log and "[sft] resuming" in log
+    _, resumed = sft_processes(run_dir)
+    assert resumed not in (trainer, second.pid) and f"[sft] process {resumed} exited with code 0" in log
     resumed_from = [line for line in out.splitlines() if "distill sft: resuming from" in line]
     assert resumed_from and "checkpoint-" in resumed_from[0], out[-3000:]
     assert int(resumed_from[0].rsplit("checkpoint-", 1)[1]) >= 4
@@ -331,3 +344,96 @@ def test_a_reference_no_verifier_can_read_is_reported_and_never_stops_or_redoes_
     assert "| data_fault:math:bad_reference | 2 |" in card
     kept = ds.dataset(run_dir / "dataset" / "data").to_table().to_pylist()
     assert {r["problem_id"] for r in kept} == {"six"}
+
+
+# ---- the SFT stage's own process: accelerate launch, a failure's error
+
+
+def _sft_only(tmp_path, sft: dict, dataset: bool, **changes):
+    """A run recipe whose generate, verify and build stages are recorded as done (a dataset made by the real
+    `distill build` from synthetic verified rows, or none), so that `run` only starts SFT."""
+    from tests.sft.conftest import build_arithmetic_dataset
+
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "q", "prompt": "1+1?", "reference": "2"}) + "\n")
+    recipe = {
+        "name": "sft-only",
+        "sources": [{"type": "file", "path": "p.jsonl"}],
+        "teacher": {"model": EMBEDDED_ALIAS},
+        "output": {"runs_dir": str(tmp_path / "runs")},
+        "sft": sft,
+        **changes,
+    }
+    loaded = load_run_recipe(write(tmp_path, recipe))
+    if dataset:
+        build_arithmetic_dataset(loaded.run_dir, problems=8)
+    hashes = _stage_hashes(loaded)
+    for stage in ("generate", "verify", "build"):
+        state = {"stage": stage, "hash": hashes[stage], "status": "done"}
+        (loaded.run_dir / "stages").mkdir(parents=True, exist_ok=True)
+        (loaded.run_dir / "stages" / f"{stage}.json").write_text(json.dumps(state))
+    return loaded
+
+
+@pytest.mark.slow
+def test_sft_is_launched_by_accelerate_with_the_recipes_config_in_its_own_process(tmp_path):
+    from pipeline.models import resolve_model
+    from tests.sft.conftest import tiny_student
+
+    student = tiny_student("qwen2", tmp_path / "init", resolve_model(EMBEDDED_ALIAS).path)
+    accelerate = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "NO",
+        "num_processes": 1,
+        "num_machines": 1,
+        "mixed_precision": "no",
+        "use_cpu": True,
+        "dynamo_backend": "NO",
+    }
+    (tmp_path / "accelerate.yaml").write_text(yaml.safe_dump(accelerate))
+    sft = {
+        "model_name_or_path": str(student),
+        "use_peft": False,
+        "dtype": "float32",
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "max_length": 128,
+        "save_strategy": "no",
+        "report_to": "none",
+    }
+    recipe = _sft_only(tmp_path, sft, dataset=True, accelerate_config="accelerate.yaml")
+    assert run(recipe, quiet=True) == 0
+    log = (recipe.run_dir / "run.log").read_text()
+    (trainer,) = sft_processes(recipe.run_dir)
+    assert trainer != os.getpid()
+    assert f"-m accelerate.commands.launch --config_file {tmp_path / 'accelerate.yaml'} -m pipeline.cli sft" in log
+    assert f"[sft] process {trainer} exited with code 0" in log
+    summary = json.loads((recipe.run_dir / "student" / "distill_sft.json").read_text())
+    assert summary["processes"] == 1
+    assert json.loads((recipe.run_dir / "stages" / "sft.json").read_text())["status"] == "done"
+    # The accelerate config is an input of the stage: another one trains another student.
+    trained = _stage_hashes(recipe)
+    (tmp_path / "accelerate.yaml").write_text(yaml.safe_dump(accelerate | {"num_processes": 2}))
+    changed = _stage_hashes(recipe)
+    assert [stage for stage in trained if trained[stage] != changed[stage]] == ["sft", "eval"]
+
+
+def test_a_failing_sft_process_stops_the_run_with_its_error(tmp_path, capfd):
+    """No dataset where the run says it is: `distill sft` fails in its own process; the run stops with exit 2 (the
+    `distill` command turns the StageFailed into its error line), names the child's error in run.log, and never
+    marks the stage done."""
+    from pipeline.run import StageFailed
+
+    recipe = _sft_only(tmp_path, {"model_name_or_path": EMBEDDED_ALIAS, "max_steps": 1}, dataset=False)
+    with pytest.raises(
+        StageFailed, match=r"distill sft \(process \d+\) exited with code 2: distill sft: error: .*dataset"
+    ):
+        run(recipe, quiet=True)
+    assert "distill sft: error:" in capfd.readouterr().err  # the child's own stderr comes through
+    log = (recipe.run_dir / "run.log").read_text()
+    assert "[sft] failed after" in log and "exited with code 2" in log
+    assert json.loads((recipe.run_dir / "stages" / "sft.json").read_text())["status"] == "running"
+
+
+def test_an_accelerate_config_that_is_not_a_file_fails_before_any_stage(tmp_path):
+    with pytest.raises(RecipeError, match=r"accelerate_config .*missing\.yaml is not a file"):
+        load_run_recipe(write(tmp_path, tiny_recipe(tmp_path, accelerate_config="missing.yaml")))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import datasets
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -13,6 +14,7 @@ from pipeline.cli import main as distill_main
 from sft.config import DistillArguments
 from sft.data import load_split, tokenize_split
 from sft.lint import LintError, end_of_turn_token, lint_collated, lint_rows
+from sft.losses import sparse_kl_teacher_student
 from sft.train import make_parser
 from tests.conftest import ROOT
 from tests.sft.conftest import conversation_rows, make_trainer
@@ -44,12 +46,17 @@ def test_weights_reach_the_loss_as_a_per_sample_mean_then_a_weighted_mean(tiny_q
     weights = [3.0, 1.0]
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
     split = tokenize_split(conversation_rows(PAIRS, weights), tokenizer, max_length=None, weighted=True)
-    for row, w in zip(split.rows, weights, strict=True):
-        assert sum(row["token_weight"]) == pytest.approx(w)  # w / n on each of the n loss tokens
+    assert split.rows["sample_weight"] == weights  # one float per sample is stored, not one per token
     trainer = make_trainer(tiny_qwen, split.rows, tmp_path, DistillArguments(weighted_loss=True))
     rows = list(trainer.train_dataset.sort("problem_id"))
     batch = trainer.data_collator(rows)
     assert batch["token_weight"].shape == batch["labels"].shape  # padded like the labels
+    for token_weight, row, w in zip(batch["token_weight"], rows, weights, strict=True):
+        loss_tokens = torch.zeros(len(token_weight), dtype=torch.bool)
+        loss_tokens[: len(row["labels"])] = torch.tensor(row["labels"]) != -100
+        n = int(loss_tokens.sum())  # w / n on each of the n loss tokens, 0 on the prompt and the padding
+        assert token_weight[loss_tokens].tolist() == pytest.approx([w / n] * n)
+        assert token_weight[~loss_tokens].abs().sum().item() == 0
     model = trainer.model.eval()
     with torch.no_grad():
         loss = trainer.compute_loss(model, dict(batch)).item()
@@ -169,3 +176,97 @@ def test_an_unknown_recipe_field_is_an_error_that_names_it(tmp_path, capsys):
     recipe.write_text("model_name_or_path: smollm2-135m-instruct\nlearning_rat: 1.0e-4\n")
     assert distill_main(["sft", "--config", str(recipe)]) == 2
     assert "learning_rat" in capsys.readouterr().err
+
+
+def test_tokenized_rows_are_cached_by_rows_tokenizer_and_settings(tiny_qwen, tmp_path, monkeypatch):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
+    rows = conversation_rows(PAIRS, [3.0, 1.0])
+    first = tokenize_split(rows, tokenizer, max_length=None, weighted=True, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("tokenized-*.arrow"))) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("tokenized again although the cache holds these rows")
+
+    monkeypatch.setattr("sft.data._tokenize_row", fail)
+    again = tokenize_split(rows, tokenizer, max_length=None, weighted=True, cache_dir=tmp_path)
+    assert again.rows.to_list() == first.rows.to_list()  # read from the cache: the tokenizer did not run
+    with pytest.raises(AssertionError, match="tokenized again"):  # another setting is another key
+        tokenize_split(rows, tokenizer, max_length=None, weighted=False, cache_dir=tmp_path)
+
+
+def _stored_topk_rows(tokenizer, k: int = 3, mangle: bool = False) -> datasets.Dataset:
+    """Rows as `distill build` writes them with `sampling.teacher_topk: k`: the teacher's token ids (ending with the
+    end-of-turn token, as vLLM returns them) and a top-k per token, here made up but distinct per position."""
+    rows = []
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for i, (question, answer) in enumerate(PAIRS):
+        # Tokenized in two pieces: ids the text tokenizer would not produce for the whole string.
+        ids = tokenizer(answer[:5], add_special_tokens=False)["input_ids"]
+        ids += tokenizer(answer[5:], add_special_tokens=False)["input_ids"] + [eot]
+        if mangle:
+            ids = [(t + 7) % len(tokenizer) for t in ids]  # what another tokenizer's ids read as here
+        topk = [[(t + j * 11) % len(tokenizer) for j in range(k)] for t in ids]
+        logprobs = [[-0.2 - j - 0.01 * p for j in range(k)] for p in range(len(ids))]
+        rows.append(
+            {
+                "problem_id": f"p{i}",
+                "sample_index": 0,
+                "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": "rebuilt"}],
+                "answer": answer.split("</think>")[-1].strip(),
+                "weight": 1.0,
+                "completion_token_ids": ids,
+                "topk_token_ids": [t for row in topk for t in row],
+                "topk_logprobs": [lp for row in logprobs for lp in row],
+                "teacher_topk": k,
+            }
+        )
+    return datasets.Dataset.from_list(rows)
+
+
+def test_stored_kd_trains_on_the_teachers_own_token_ids_with_its_topk_aligned(tiny_qwen, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
+    rows = _stored_topk_rows(tokenizer)
+    split = tokenize_split(rows, tokenizer, max_length=None, weighted=False, teacher_tokens=True)
+    assert split.excluded == []
+    distill = DistillArguments(kd_source="stored", kd_alpha=0.5, kd_temperature_schedule="constant")
+    trainer = make_trainer(tiny_qwen, split.rows, tmp_path, distill)
+    source = {r["problem_id"]: r for r in rows}
+    for row in trainer.train_dataset:
+        teacher_ids = source[row["problem_id"]]["completion_token_ids"]
+        prompt = tokenizer.apply_chat_template(
+            source[row["problem_id"]]["messages"][:1], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        batch = trainer.data_collator([row])
+        ids, labels = batch["input_ids"][0], batch["labels"][0]
+        assert ids.tolist() == prompt + teacher_ids  # not a re-tokenization of the text ("rebuilt")
+        assert labels[labels != -100].tolist() == teacher_ids
+        k = source[row["problem_id"]]["teacher_topk"]
+        stored = torch.tensor(source[row["problem_id"]]["topk_token_ids"]).view(-1, k)
+        assert batch["topk_ids"].shape == (1, len(ids), k)
+        assert torch.equal(batch["topk_ids"][0, len(prompt) :], stored)  # token j's row is the top-k it came from
+        assert torch.isinf(batch["topk_logprobs"][0, : len(prompt)]).all()
+    # The loss the trainer computes equals the full-logits reference of the same sparse KD.
+    batch = trainer.data_collator(list(trainer.train_dataset))
+    model = trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch)).item()
+        labels = batch["labels"]
+        scored = labels[:, 1:] != -100
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][scored]
+        target = labels[:, 1:][scored]
+        temperature = distill.kd_temperature_start
+        kl = sparse_kl_teacher_student(
+            logits, batch["topk_ids"][:, 1:][scored], batch["topk_logprobs"][:, 1:][scored], temperature
+        )
+        ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+        expected = (0.5 * temperature**2 * kl.mean() + 0.5 * ce.mean()).item()
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert kl.mean().item() > 0.01  # a random student is far from the made-up teacher: the KD term counts
+
+
+def test_stored_kd_refuses_token_ids_another_tokenizer_wrote(tiny_qwen):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
+    split = tokenize_split(_stored_topk_rows(tokenizer, mangle=True), tokenizer, None, False, teacher_tokens=True)
+    assert {e["reason"] for e in split.excluded} == {"teacher_tokenizer_mismatch"}
+    with pytest.raises(LintError, match="shares the teacher's tokenizer"):
+        lint_rows(split, "drop", None)

@@ -59,17 +59,24 @@ class Teacher(ABC):
 
 
 PROCESSED_LOGPROBS = "processed_logprobs"
+RAW_LOGPROBS = "raw_logprobs"
 
 
-def logprobs_mode(backend: str) -> str:
+def logprobs_mode(backend: str, teacher_topk: int = 0) -> str:
     """Which distribution the top-k logprobs, and so mean_token_entropy and the weight, are measured on.
 
-    Engines we start (vllm, vllm-server) use vLLM's processed_logprobs: temperature and top-p applied, the
-    distribution each token was sampled from (vLLM's default, raw_logprobs, is the model's before them). A foreign
-    endpoint returns whatever it was started with ("endpoint"): raw_logprobs for a default `vllm serve`, the sampled
-    distribution with `vllm serve --logprobs-mode processed_logprobs`.
+    vLLM fixes this per engine (its `logprobs_mode`), not per request. Engines we start (vllm, vllm-server) use
+    vLLM's processed_logprobs: temperature and top-p applied, the distribution each token was sampled from. With
+    `sampling.teacher_topk` they use raw_logprobs instead (vLLM's default): the model's own distribution at
+    temperature 1, before temperature, top-p and logits processors, which is what a student is distilled towards
+    (the processed one is truncated by top-p and sharpened by the temperature, and cannot be turned back); the
+    entropy summary of such a run is then of that raw distribution too, and says so. A foreign endpoint returns
+    whatever it was started with ("endpoint"): raw_logprobs for a default `vllm serve`, the sampled distribution
+    with `vllm serve --logprobs-mode processed_logprobs` (which a distillation run must not use).
     """
-    return "endpoint" if backend == "openai" else PROCESSED_LOGPROBS
+    if backend == "openai":
+        return "endpoint"
+    return RAW_LOGPROBS if teacher_topk else PROCESSED_LOGPROBS
 
 
 # vLLM's CPU backend reserves this many GiB of KV cache; its own default can exceed what a shared 24 GiB machine

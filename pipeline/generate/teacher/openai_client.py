@@ -9,6 +9,14 @@ setting the server refuses) would fail every request alike, so the run stops at 
 message. Several endpoints share the load (least requests in flight first); one that keeps failing is taken out
 for a cool-down and probed again after it. Keys are read from the environment (see TeacherConfig.endpoint_keys) and
 scrubbed from every error message kept.
+
+Sparse KD (`sampling.teacher_topk: K`) asks for `top_logprobs` and vLLM's `return_tokens_as_token_ids` (extra body),
+so that every token, sampled and top, comes back as "token_id:N", an id of the teacher's vocabulary, not a decoded
+string that may not map back to one id. A server that ignores it (not vLLM) answers with plain token strings; the
+run then stops with a TeacherConfigError at the first answer, rather than generating hours of rows without the
+columns it was asked for. One that refuses the field (a 400) stops it the same way, with its own message. K + 1
+top log-probs are asked (see `_request`): a `vllm serve` endpoint needs `--max-logprobs` of at least K + 1 (its
+default, 20, allows K up to 19); the managed vllm-server backend is started with 21.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from dataclasses import dataclass
 import httpx
 import openai
 
-from pipeline.generate.completion import Completion, mean_topk_entropy
+from pipeline.generate.completion import Completion, TopK, mean_topk_entropy
 from pipeline.generate.config import NO_KEY, SamplingConfig, TeacherConfig
 from pipeline.generate.teacher.base import Teacher, TeacherConfigError, TeacherRequest, TeacherResult
 
@@ -36,6 +44,7 @@ _CONTEXT_MARKERS = ("maximum context length", "context length", "context_length_
 _FAILURES_BEFORE_COOLDOWN = 2
 _COOLDOWN_S = (5.0, 60.0)  # first and longest cool-down of an unhealthy endpoint
 _BACKOFF_S = (0.5, 30.0)
+_TOKEN_ID_PREFIX = "token_id:"  # vLLM's return_tokens_as_token_ids format
 
 
 @dataclass
@@ -182,6 +191,10 @@ class OpenAITeacher(Teacher):
 
     async def _request(self, request: TeacherRequest, sampling: SamplingConfig, endpoints) -> TeacherResult:
         last_error = ""
+        # vLLM's server lists the sampled token first, then the top ones, and cuts the list at top_logprobs: when the
+        # sampled token is not among the top K, K asked would return it and only K - 1 of the top. K + 1 always holds
+        # the true top K (TopK keeps the K best). The entropy keeps its own k of them.
+        top = max(sampling.logprobs, sampling.teacher_topk + 1 if sampling.teacher_topk else 0)
         for attempt in range(self._cfg.max_retries + 1):
             endpoint = await self._pick(endpoints)
             endpoint.in_flight += 1
@@ -195,13 +208,14 @@ class OpenAITeacher(Teacher):
                     temperature=sampling.temperature,
                     top_p=sampling.top_p,
                     max_tokens=sampling.max_tokens,
-                    logprobs=bool(sampling.logprobs),
-                    top_logprobs=sampling.logprobs or None,
+                    logprobs=bool(top),
+                    top_logprobs=top or None,
                     seed=sampling.seed if self._send_seed else None,
                     extra_headers={"X-Request-Id": f"{request.key}-{attempt}"},
+                    extra_body={"return_tokens_as_token_ids": True} if sampling.teacher_topk else None,
                 )
                 endpoint.failures = 0
-                return _result(request.key, response, sampling, time.monotonic() - sent)
+                return _result(request.key, response, sampling, time.monotonic() - sent, endpoint.url)
             except openai.APITimeoutError as e:
                 kind, last_error = "timeout", self._scrub(str(e))
             except openai.APIConnectionError as e:
@@ -254,13 +268,36 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def _result(key: str, response, sampling: SamplingConfig, latency_s: float) -> TeacherResult:
+def _token_id(token: str, where: str) -> int:
+    if not token.startswith(_TOKEN_ID_PREFIX):
+        raise TeacherConfigError(
+            f"{where}: sampling.teacher_topk needs token ids, and the endpoint answered the token {token!r} "
+            f"instead of '{_TOKEN_ID_PREFIX}N': it does not support vLLM's return_tokens_as_token_ids (serve the "
+            f"teacher with vLLM, or set sampling.teacher_topk=0)"
+        )
+    return int(token.removeprefix(_TOKEN_ID_PREFIX))
+
+
+def _topk(tokens, k: int, where: str) -> TopK:
+    """The sampled ids from each content entry, the top ones from its top_logprobs (as "token_id:N" strings)."""
+    ids = [_token_id(t.token, where) for t in (tokens or ())]
+    positions = ([(_token_id(a.token, where), a.logprob) for a in t.top_logprobs] for t in (tokens or ()))
+    return TopK.from_positions(k, ids, positions, where)
+
+
+def _result(key: str, response, sampling: SamplingConfig, latency_s: float, url: str = "") -> TeacherResult:
     completions = []
     for sample_index, choice in enumerate(sorted(response.choices, key=lambda c: c.index)):
         tokens = choice.logprobs.content if choice.logprobs and choice.logprobs.content else None
         entropy = None
         if tokens and sampling.logprobs:
             entropy = mean_topk_entropy(([t.logprob for t in tok.top_logprobs] for tok in tokens), sampling.logprobs)
+        topk = None
+        if sampling.teacher_topk:
+            where = f"teacher endpoint {url} problem {key} sample {sample_index}"
+            if not tokens and (choice.message.content or choice.finish_reason == "length"):
+                raise TeacherConfigError(f"{where}: sampling.teacher_topk asked for logprobs; the endpoint sent none")
+            topk = _topk(tokens, sampling.teacher_topk, where)
         extra = choice.message.model_extra or {}
         completions.append(
             Completion(
@@ -270,6 +307,7 @@ def _result(key: str, response, sampling: SamplingConfig, latency_s: float) -> T
                 completion_tokens=len(tokens) if tokens else _untracked_tokens(response, sampling),
                 mean_token_entropy=entropy,
                 reasoning_field=extra.get("reasoning_content") or extra.get("reasoning"),
+                topk=topk,
             )
         )
     return TeacherResult(key, completions, response.usage.prompt_tokens if response.usage else None, latency_s)

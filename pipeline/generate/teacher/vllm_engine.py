@@ -19,11 +19,13 @@ from collections.abc import Iterable, Iterator
 from functools import cache
 from typing import Any
 
-from pipeline.generate.completion import Completion, mean_topk_entropy
+from pipeline.generate.completion import Completion, TopK, mean_topk_entropy
 from pipeline.generate.config import SamplingConfig, TeacherConfig
 from pipeline.generate.teacher.base import (
     PROCESSED_LOGPROBS,
+    RAW_LOGPROBS,
     Teacher,
+    TeacherConfigError,
     TeacherRequest,
     TeacherResult,
     vllm_env,
@@ -42,7 +44,8 @@ def sampling_params(sampling: SamplingConfig):
         temperature=sampling.temperature,
         top_p=sampling.top_p,
         max_tokens=sampling.max_tokens,
-        logprobs=sampling.logprobs or None,
+        # One request serves both: the entropy keeps its own k of them, sparse KD its teacher_topk.
+        logprobs=max(sampling.logprobs, sampling.teacher_topk) or None,
         output_kind=RequestOutputKind.FINAL_ONLY,
     )
 
@@ -57,11 +60,14 @@ def running_on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-def engine_settings(cfg: TeacherConfig, on_cpu: bool | None = None) -> dict[str, Any]:
+def engine_settings(
+    cfg: TeacherConfig, on_cpu: bool | None = None, logprobs_mode: str = PROCESSED_LOGPROBS
+) -> dict[str, Any]:
     """The vllm.LLM keywords of `cfg` on this platform (`on_cpu`: given, or detected): the CPU defaults are float32
     and eager (start-up 60 s instead of 200 s); on a GPU, vLLM's auto dtype (bf16 for a bf16 model), CUDA graphs and
     the GPU memory share. Explicit `dtype`/`enforce_eager` win everywhere; `engine_kwargs` come last (the config
-    refuses one that repeats a field). The model, the seed and the reasoning parser are not among them."""
+    refuses one that repeats a field). The model, the seed and the reasoning parser are not among them.
+    `logprobs_mode`: teacher.base.logprobs_mode of the run (raw_logprobs for sparse KD)."""
     cpu = running_on_cpu() if on_cpu is None else on_cpu
     settings: dict[str, Any] = {
         "dtype": "float32" if cpu and cfg.dtype == "auto" else cfg.dtype,
@@ -70,14 +76,20 @@ def engine_settings(cfg: TeacherConfig, on_cpu: bool | None = None) -> dict[str,
         "max_num_seqs": cfg.max_num_seqs,
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "pipeline_parallel_size": cfg.pipeline_parallel_size,
-        "logprobs_mode": PROCESSED_LOGPROBS,  # entropy on the distribution sampled from (see logprobs_mode)
+        "logprobs_mode": logprobs_mode,  # see teacher.base.logprobs_mode
     }
     if not cpu:  # vLLM's CPU build sizes its KV cache from VLLM_CPU_KVCACHE_SPACE instead
         settings["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     return settings | cfg.engine_kwargs
 
 
-def load_llm(model: ResolvedModel, cfg: TeacherConfig, seed: int | None = None, in_process: bool | None = None):
+def load_llm(
+    model: ResolvedModel,
+    cfg: TeacherConfig,
+    seed: int | None = None,
+    in_process: bool | None = None,
+    logprobs_mode: str = PROCESSED_LOGPROBS,
+):
     """Start the engine with `engine_settings`. `in_process` (default: cfg.reproducible) runs the engine's scheduler
     in this process: the same seed and requests then give the same samples, and a process killed with SIGKILL (a Ray
     actor) leaves no engine process behind."""
@@ -89,7 +101,7 @@ def load_llm(model: ResolvedModel, cfg: TeacherConfig, seed: int | None = None, 
     from vllm import LLM
 
     # Per-request seeds crash the CPU build (see SamplingConfig.seed): the engine gets the seed.
-    return LLM(model.path, seed=seed if seed is not None else 0, **engine_settings(cfg))
+    return LLM(model.path, seed=seed if seed is not None else 0, **engine_settings(cfg, logprobs_mode=logprobs_mode))
 
 
 def engine_input(engine, prompt_token_ids: list[int]):
@@ -111,18 +123,22 @@ class VLLMEngineTeacher(Teacher):
         llm=None,
         seed: int | None = None,
         in_process: bool | None = None,
+        logprobs_mode: str = PROCESSED_LOGPROBS,
     ):
-        """`llm` lets a caller share an already started engine (tests, benchmarks); `in_process`: see load_llm."""
+        """`llm` lets a caller share an already started engine (tests, benchmarks); `in_process`, `logprobs_mode`:
+        see load_llm."""
         super().__init__()
         self.engine_version = vllm_version()
         self._cfg = cfg
         self._owns_llm = llm is None
-        self.llm = llm if llm is not None else load_llm(model, cfg, seed, in_process)
+        self.llm = llm if llm is not None else load_llm(model, cfg, seed, in_process, logprobs_mode)
         self._tokenizer = self.llm.get_tokenizer()
         self._ids = itertools.count()
 
     def generate(self, requests: Iterable[TeacherRequest], sampling: SamplingConfig) -> Iterator[TeacherResult]:
         engine = self.llm.llm_engine
+        if sampling.teacher_topk:
+            _require_raw_logprobs(engine)
         params = sampling_params(sampling)
         # Enough queued requests to refill the batch as sequences finish, few enough to bound memory.
         window = max(4, 2 * self._cfg.max_num_seqs // sampling.n)
@@ -155,7 +171,7 @@ class VLLMEngineTeacher(Teacher):
                 if output.finished and output.request_id in in_flight:
                     key, prompt_tokens, submitted, think_opened = in_flight.pop(output.request_id)
                     latency = time.monotonic() - submitted
-                    completions = _completions(output, sampling.logprobs, think_opened)
+                    completions = _completions(output, sampling.logprobs, think_opened, sampling.teacher_topk)
                     yield TeacherResult(key, completions, prompt_tokens, latency)
 
     def _prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], bool]:
@@ -170,12 +186,33 @@ class VLLMEngineTeacher(Teacher):
             gc.collect()  # an in-process engine's weights and KV cache go only when its cycles are collected
 
 
-def _completions(output, k: int, think_opened: bool) -> list[Completion]:
+def _require_raw_logprobs(engine) -> None:
+    """Sparse KD needs the model's own distribution: an engine started (or shared) with another logprobs_mode would
+    store the sampled one under the same columns."""
+    mode = getattr(getattr(engine, "model_config", None), "logprobs_mode", RAW_LOGPROBS)
+    if mode != RAW_LOGPROBS:
+        raise TeacherConfigError(
+            f"sampling.teacher_topk needs an engine started with logprobs_mode={RAW_LOGPROBS} (the teacher's own "
+            f"distribution at temperature 1); this one has {mode}"
+        )
+
+
+def _completions(output, k: int, think_opened: bool, teacher_topk: int = 0) -> list[Completion]:
+    """`k`: the entropy's top-k (0: none); `teacher_topk`: sparse KD's K (0: no TopK kept).
+
+    vLLM's token_ids hold every sampled token, the end-of-turn token it stopped on included (the text leaves it
+    out), and its logprobs one dict per token: {token id: Logprob}, the requested top ones plus the sampled token
+    when it is not among them."""
     result = []
     for sample_index, choice in enumerate(sorted(output.outputs, key=lambda c: c.index)):
         entropy = None
         if k and choice.logprobs:
             entropy = mean_topk_entropy(([lp.logprob for lp in pos.values()] for pos in choice.logprobs), k)
+        topk = None
+        if teacher_topk:
+            positions = ([(i, lp.logprob) for i, lp in pos.items()] for pos in choice.logprobs or ())
+            where = f"request {output.request_id} sample {sample_index}"
+            topk = TopK.from_positions(teacher_topk, list(choice.token_ids), positions, where)
         result.append(
             Completion(
                 sample_index=sample_index,
@@ -184,6 +221,7 @@ def _completions(output, k: int, think_opened: bool) -> list[Completion]:
                 completion_tokens=len(choice.token_ids),
                 mean_token_entropy=entropy,
                 think_opened=think_opened,
+                topk=topk,
             )
         )
     return result

@@ -24,7 +24,7 @@ import httpx
 from pydantic import SecretStr
 
 from pipeline.generate.config import NO_KEY, TeacherConfig
-from pipeline.generate.teacher.base import vllm_env, vllm_version
+from pipeline.generate.teacher.base import PROCESSED_LOGPROBS, vllm_env, vllm_version
 from pipeline.generate.teacher.openai_client import OpenAITeacher
 from pipeline.generate.teacher.vllm_engine import engine_settings
 from pipeline.models import ResolvedModel
@@ -65,9 +65,17 @@ class ManagedVLLMServer:
     """A vLLM server on 127.0.0.1 for the lifetime of a `with` block."""
 
     def __init__(
-        self, model: ResolvedModel, cfg: TeacherConfig, log_path: Path, seed: int | None = None, max_logprobs: int = 20
+        self,
+        model: ResolvedModel,
+        cfg: TeacherConfig,
+        log_path: Path,
+        seed: int | None = None,
+        max_logprobs: int = 21,  # sampling.logprobs <= 20; teacher_topk K <= 20 asks K + 1 (openai_client._request)
+        logprobs_mode: str = PROCESSED_LOGPROBS,
     ):
+        """`logprobs_mode`: teacher.base.logprobs_mode of the run (raw_logprobs for sparse KD)."""
         self.model, self.cfg, self.log_path, self.seed = model, cfg, Path(log_path), seed
+        self.logprobs_mode = logprobs_mode
         self.port = cfg.port or free_port()
         self.max_logprobs = max_logprobs
         self.process: subprocess.Popen | None = None
@@ -82,7 +90,7 @@ class ManagedVLLMServer:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model.path]
         cmd += ["--served-model-name", self.model.name, "--host", "127.0.0.1", "--port", str(self.port)]
         cmd += ["--max-logprobs", str(self.max_logprobs)]
-        cmd += cli_args(engine_settings(self.cfg, on_cpu))
+        cmd += cli_args(engine_settings(self.cfg, on_cpu, self.logprobs_mode))
         if self.cfg.reasoning_parser:
             cmd += ["--reasoning-parser", self.cfg.reasoning_parser]
         if self.seed is not None:
@@ -154,8 +162,15 @@ class ManagedVLLMServer:
 class VLLMServerTeacher(OpenAITeacher):
     """The `openai` backend pointed at a server this object starts and stops."""
 
-    def __init__(self, model: ResolvedModel, cfg: TeacherConfig, log_path: Path, seed: int | None = None):
-        self.server = ManagedVLLMServer(model, cfg, log_path, seed=seed)
+    def __init__(
+        self,
+        model: ResolvedModel,
+        cfg: TeacherConfig,
+        log_path: Path,
+        seed: int | None = None,
+        logprobs_mode: str = PROCESSED_LOGPROBS,
+    ):
+        self.server = ManagedVLLMServer(model, cfg, log_path, seed=seed, logprobs_mode=logprobs_mode)
         url = self.server.start()
         # Our own server needs no key: the user's OPENAI_API_KEY is not sent to it (unless the recipe gives one).
         endpoints = {"endpoints": [url], "api_key": cfg.api_key or SecretStr(NO_KEY)}

@@ -113,7 +113,7 @@ def test_the_server_command_line_holds_the_resolved_gpu_settings(tmp_path):
     assert (args.dtype, args.enforce_eager, args.gpu_memory_utilization) == ("auto", False, 0.9)
     assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (2, 1)
     assert (args.max_model_len, args.max_num_seqs) == (1024, 32)
-    assert (args.reasoning_parser, args.logprobs_mode, args.max_logprobs) == ("deepseek_r1", "processed_logprobs", 20)
+    assert (args.reasoning_parser, args.logprobs_mode, args.max_logprobs) == ("deepseek_r1", "processed_logprobs", 21)
     assert (args.enable_prefix_caching, args.max_num_batched_tokens) == (False, 8192)
     assert args.hf_overrides == {"rope_theta": 1e6}
 
