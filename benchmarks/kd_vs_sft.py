@@ -193,16 +193,22 @@ def heldout_kl(student: str, dataset: str, batch_size: int = 8) -> float:
     return total / max(count, 1)
 
 
-def run_stored(workdir: Path, problems: int, steps: int, layers: int, max_new_tokens: int, batch: int) -> dict:
-    started = time.monotonic()
-    shutil.rmtree(workdir, ignore_errors=True)
-    dataset = generate_with_topk(workdir / "runs", _questions(problems), max_new_tokens, topk=20)
+def _student_and_sft_args(workdir: Path, dataset: Path, layers: int, steps: int, batch: int) -> tuple[Path, list]:
+    """The pruned student both runs start from, and the `distill sft` arguments they share."""
     student = workdir / f"student-{layers}"
     _distill("student", "init", "--from", EMBEDDED_ALIAS, "--layers", str(layers), "--output", str(student))
     common = ["sft", "--config", "recipes/sft/demo-cpu.yaml", "--dataset", str(dataset)]
     common += ["--model_name_or_path", str(student), "--use_peft", "false", "--merge_lora", "false"]
     common += ["--weighted_loss", "false", "--learning_rate", "3e-4", "--max_steps", str(steps)]
     common += ["--per_device_train_batch_size", str(batch), "--save_strategy", "no", "--seed", "0"]
+    return student, common
+
+
+def run_stored(workdir: Path, problems: int, steps: int, layers: int, max_new_tokens: int, batch: int) -> dict:
+    started = time.monotonic()
+    shutil.rmtree(workdir, ignore_errors=True)
+    dataset = generate_with_topk(workdir / "runs", _questions(problems), max_new_tokens, topk=20)
+    student, common = _student_and_sft_args(workdir, dataset, layers, steps, batch)
     common += ["--kd_source", "stored", "--kd_temperature_schedule", "constant", "--kd_temperature_start", "1"]
     stats = json.loads((dataset / "stats.json").read_text())
     results = {"problems": problems, "steps": steps, "layers": layers, "teacher_topk": stats.get("teacher_topk")}
@@ -226,12 +232,7 @@ def run(
     started = time.monotonic()
     shutil.rmtree(workdir, ignore_errors=True)
     dataset = make_dataset(workdir / "run", problems, max_new_tokens, sample_temperature)
-    student = workdir / f"student-{layers}"
-    _distill("student", "init", "--from", EMBEDDED_ALIAS, "--layers", str(layers), "--output", str(student))
-    common = ["sft", "--config", "recipes/sft/demo-cpu.yaml", "--dataset", str(dataset)]
-    common += ["--model_name_or_path", str(student), "--use_peft", "false", "--merge_lora", "false"]
-    common += ["--weighted_loss", "false", "--learning_rate", "3e-4", "--max_steps", str(steps)]
-    common += ["--per_device_train_batch_size", str(batch), "--save_strategy", "no", "--seed", "0"]
+    student, common = _student_and_sft_args(workdir, dataset, layers, steps, batch)
     results = {
         "problems": problems,
         "steps": steps,
