@@ -20,10 +20,6 @@ from transformers import (
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
 )
 
 from pipeline.models import EMBEDDED_ALIAS
@@ -233,29 +229,20 @@ def test_the_embedded_teacher_is_stored_in_float32_and_its_student_is_todays_byt
 
 
 def bf16_sharded_teacher(folder: Path, family: str, tied: bool, tokenizer_path: str) -> Path:
-    """A 6-layer random teacher saved in bf16 over several safetensors files and their index."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    shape = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=6,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=tied,
-    )
+    """A 6-layer random teacher (tests/sft/conftest.py's tiny student) saved in bf16 over several safetensors files
+    and their index."""
+    extra = dict(use_sliding_window=True, sliding_window=16, max_window_layers=3, layer_types=QWEN_TYPES)
     torch.manual_seed(1)
-    if family == "qwen2":
-        config = Qwen2Config(
-            **shape, use_sliding_window=True, sliding_window=16, max_window_layers=3, layer_types=QWEN_TYPES
-        )
-        model = Qwen2ForCausalLM(config)
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**shape))
-    model.to(torch.bfloat16).save_pretrained(folder, max_shard_size="1MB")
-    tokenizer.save_pretrained(folder)
+    made = tiny_student(
+        family,
+        folder.with_name(folder.name + "-float32"),
+        tokenizer_path,
+        num_hidden_layers=6,
+        tie_word_embeddings=tied,
+        **(extra if family == "qwen2" else {}),
+    )
+    LM.from_pretrained(made, dtype=torch.bfloat16).save_pretrained(folder, max_shard_size="1MB")
+    AutoTokenizer.from_pretrained(made).save_pretrained(folder)
     return folder
 
 
