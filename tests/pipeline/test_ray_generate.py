@@ -28,11 +28,13 @@ def _env() -> dict[str, str]:
     return dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", VLLM_CPU_KVCACHE_SPACE="1")
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
+def _wait_for(predicate, timeout: float, what: str):
+    """Poll until `predicate` returns something truthy, and return it."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not (found := predicate()):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+    return found
 
 
 def _holders(run_dir: Path) -> dict[str, int]:
@@ -68,18 +70,19 @@ def test_ray_workers_and_the_driver_killed_mid_run_then_the_same_command_finishe
     command = distill_command(str(recipe), *RAY, "--quiet", "--no-verify")
     driver = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
+        # the holder is picked from the same reading of the locks that found it: a shard can be finished and
+        # released between two readings
+        def holder_of(enough_parts) -> tuple[str, int] | bool:
+            assert driver.poll() is None, f"the run ended before the kills: {driver.stderr.read()}"
+            held = _holders(run_dir)
+            return next(((lbl, p) for lbl, p in held.items() if enough_parts(_parts(run_dir, lbl))), False)
+
         # moment 1: an actor holds its shard and has written nothing of it yet (its engine is starting)
-        _wait_for(lambda: _holders(run_dir) or driver.poll() is not None, 300, "a shard taken by an actor")
-        label, pid = next(iter(_holders(run_dir).items()))
-        assert _parts(run_dir, label) == 0
+        label, pid = _wait_for(lambda: holder_of(lambda n: n == 0), 300, "a shard taken by an actor")
         os.kill(pid, signal.SIGKILL)
 
         # moment 2: an actor (restarted or the other one) mid-shard, with closed parts of it written
-        def mid_shard() -> bool:
-            return any(_parts(run_dir, lbl) >= 1 for lbl in _holders(run_dir)) or driver.poll() is not None
-
-        _wait_for(mid_shard, 600, "an actor mid-shard")
-        label, pid = next((lbl, p) for lbl, p in _holders(run_dir).items() if _parts(run_dir, lbl) >= 1)
+        label, pid = _wait_for(lambda: holder_of(lambda n: n >= 1), 600, "an actor mid-shard")
         os.kill(pid, signal.SIGKILL)
         # then the driver itself, once more parts are closed
         parts_then = _parts(run_dir)
